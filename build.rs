@@ -1,0 +1,28 @@
+//! Compiles `proto/` with a pure-Rust protobuf compiler (protox): a fresh
+//! machine has no system `protoc`. Also writes the descriptor set that
+//! server reflection serves.
+
+use std::{env, path::PathBuf};
+
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["proto/sigil/v1/identity.proto", "proto/sigil/v1/admin.proto"];
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile(protos, ["proto"])?;
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    std::fs::write(out.join("sigil_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        // Messages that carry token proofs, tokens or CSRs get a hand-written
+        // redacting Debug (src/api/pb.rs), never the derived one.
+        .skip_debug([
+            ".sigil.v1.TokenProof",
+            ".sigil.v1.EnrollRequest",
+            ".sigil.v1.EnrollResponse",
+            ".sigil.v1.CreateEnrollmentTokenResponse",
+        ])
+        .compile_fds(fds)?;
+    Ok(())
+}

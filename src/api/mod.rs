@@ -1,0 +1,219 @@
+//! The gRPC layer — the only module that names tonic and prost. Each handler
+//! decodes the request, calls one [`crate::core::Broker`] method and encodes
+//! the answer; errors become Status in [`status`] only. No rules live here.
+
+pub mod pb;
+pub mod status;
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::core::{Broker, Caller, Credential, EnrollParams};
+
+/// Largest request message accepted on any service (64 KiB).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// The `Identity` service.
+#[derive(Debug, Clone)]
+pub struct IdentityApi {
+    broker: Arc<Broker>,
+}
+
+impl IdentityApi {
+    /// Wraps the broker.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Self { broker }
+    }
+
+    /// The tonic service with size caps applied.
+    pub fn into_service(self) -> pb::identity_server::IdentityServer<Self> {
+        pb::identity_server::IdentityServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+fn peer_caller<T>(req: &Request<T>) -> Caller {
+    Caller::Peer {
+        addr: req
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown".to_owned()),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::identity_server::Identity for IdentityApi {
+    #[tracing::instrument(skip_all, name = "Enroll")]
+    async fn enroll(
+        &self,
+        request: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let caller = peer_caller(&request);
+        let req = request.into_inner();
+        let credential = match req.credential {
+            Some(pb::enroll_request::Credential::Token(t)) => Credential::Token {
+                token_id: t.token_id,
+                payload: t.payload,
+                signature: t.signature,
+            },
+            Some(pb::enroll_request::Credential::Attestation(a)) => Credential::Attestation {
+                format: a.format,
+                document: a.document,
+            },
+            None => {
+                return Err(crate::core::Error::Malformed(
+                    "credential is required (token or attestation)".into(),
+                )
+                .into())
+            }
+        };
+        let out = self
+            .broker
+            .enroll(
+                EnrollParams {
+                    csr: req.csr,
+                    credential,
+                    jwt_audiences: req.jwt_audiences,
+                },
+                &caller,
+            )
+            .await?;
+        Ok(Response::new(pb::EnrollResponse {
+            spiffe_id: out.spiffe_id,
+            x509_svid_chain: out.chain,
+            trust_bundle: out.trust_bundle,
+            jwt_svid: out.jwt_svid.unwrap_or_default(),
+            expires_at: out.expires_at,
+            retried: out.retried,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, name = "GetBundle")]
+    async fn get_bundle(
+        &self,
+        _request: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<pb::GetBundleResponse>, Status> {
+        let b = self.broker.bundle();
+        Ok(Response::new(pb::GetBundleResponse {
+            trust_domain: b.trust_domain,
+            x509_authorities: b.x509_authorities,
+            spiffe_bundle_json: b.spiffe_bundle_json,
+            sequence: b.sequence,
+        }))
+    }
+}
+
+/// The `Admin` service on the local socket, where every caller is the
+/// trusted local operator.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    broker: Arc<Broker>,
+}
+
+impl AdminApi {
+    /// Wraps the broker.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Self { broker }
+    }
+
+    /// The tonic service with size caps applied.
+    pub fn into_service(self) -> pb::admin_server::AdminServer<Self> {
+        pb::admin_server::AdminServer::new(self).max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminApi {
+    #[tracing::instrument(skip_all, name = "CreateEnrollmentToken")]
+    async fn create_enrollment_token(
+        &self,
+        request: Request<pb::CreateEnrollmentTokenRequest>,
+    ) -> Result<Response<pb::CreateEnrollmentTokenResponse>, Status> {
+        let r = request.into_inner();
+        let t = self
+            .broker
+            .create_token(&r.spiffe_id, r.ttl_seconds, r.max_uses, &Caller::LocalAdmin)
+            .await?;
+        Ok(Response::new(pb::CreateEnrollmentTokenResponse {
+            token: t.token,
+            token_id: t.token_id,
+            expires_at: t.expires_at,
+            ca_pin: t.ca_pin,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, name = "RevokeEnrollmentToken")]
+    async fn revoke_enrollment_token(
+        &self,
+        request: Request<pb::RevokeEnrollmentTokenRequest>,
+    ) -> Result<Response<pb::RevokeEnrollmentTokenResponse>, Status> {
+        let r = request.into_inner();
+        let revoked = self
+            .broker
+            .revoke_token(&r.token_id, &Caller::LocalAdmin)
+            .await?;
+        Ok(Response::new(pb::RevokeEnrollmentTokenResponse { revoked }))
+    }
+
+    #[tracing::instrument(skip_all, name = "ListEnrollmentTokens")]
+    async fn list_enrollment_tokens(
+        &self,
+        _request: Request<pb::ListEnrollmentTokensRequest>,
+    ) -> Result<Response<pb::ListEnrollmentTokensResponse>, Status> {
+        let tokens = self
+            .broker
+            .list_tokens()
+            .await?
+            .into_iter()
+            .map(|t| pb::EnrollmentToken {
+                token_id: t.token_id,
+                spiffe_id: t.spiffe_id,
+                created_at: t.created_at,
+                expires_at: t.expires_at,
+                max_uses: t.max_uses,
+                uses: t.uses,
+                revoked: t.revoked,
+            })
+            .collect();
+        Ok(Response::new(pb::ListEnrollmentTokensResponse { tokens }))
+    }
+
+    #[tracing::instrument(skip_all, name = "ListAuditEvents")]
+    async fn list_audit_events(
+        &self,
+        request: Request<pb::ListAuditEventsRequest>,
+    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        let r = request.into_inner();
+        let events = self
+            .broker
+            .list_audit(r.after_seq, r.limit)
+            .await?
+            .into_iter()
+            .map(|e| pb::AuditEvent {
+                seq: e.seq,
+                time_ms: e.time_ms,
+                kind: e.kind,
+                outcome: e.outcome,
+                fields_json: e.fields_json,
+                hash: e.hash,
+            })
+            .collect();
+        Ok(Response::new(pb::ListAuditEventsResponse { events }))
+    }
+
+    #[tracing::instrument(skip_all, name = "VerifyAuditChain")]
+    async fn verify_audit_chain(
+        &self,
+        _request: Request<pb::VerifyAuditChainRequest>,
+    ) -> Result<Response<pb::VerifyAuditChainResponse>, Status> {
+        let v = self.broker.verify_audit().await?;
+        let (broken_at, problem) = v.broken.unwrap_or_default();
+        Ok(Response::new(pb::VerifyAuditChainResponse {
+            ok: broken_at == 0,
+            events: v.events,
+            broken_at,
+            problem,
+        }))
+    }
+}

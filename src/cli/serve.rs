@@ -1,0 +1,134 @@
+//! `sigil serve`: merge flags, env and the optional TOML file into a
+//! [`Config`], start the server, stop gracefully on SIGINT/SIGTERM.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use clap::Args;
+
+use super::CliError;
+use crate::{
+    clock::SystemClock,
+    config::{self, Config, FileConfig},
+    identity::TrustDomain,
+};
+
+/// Flags of `sigil serve`. Each also reads `SIGIL_<NAME>`; flags win over
+/// env, env over the file, the file over defaults.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Optional TOML config file.
+    #[arg(long, env = "SIGIL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory [default: ./sigil-data].
+    #[arg(long, env = "SIGIL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Trust domain [default: sigil.local].
+    #[arg(long, env = "SIGIL_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
+    /// TLS listen address; port 0 picks a free port (written to <data-dir>/listen.addr)
+    /// [default: 127.0.0.1:8443].
+    #[arg(long, env = "SIGIL_LISTEN")]
+    pub listen: Option<String>,
+    /// Extra DNS name or IP for the serving certificate (repeatable).
+    #[arg(long = "san", env = "SIGIL_SAN", value_delimiter = ',')]
+    pub sans: Vec<String>,
+    /// Admin socket path [default: <data-dir>/admin.sock].
+    #[arg(long, env = "SIGIL_ADMIN_SOCKET")]
+    pub admin_socket: Option<PathBuf>,
+    /// Freshness window for signed payloads, seconds [default: 300].
+    #[arg(long, env = "SIGIL_WINDOW_SECONDS")]
+    pub window_seconds: Option<u32>,
+    /// X509-SVID lifetime, e.g. 1h [default: 1h].
+    #[arg(long, env = "SIGIL_X509_TTL")]
+    pub x509_ttl: Option<String>,
+    /// JWT-SVID lifetime, e.g. 5m [default: 5m].
+    #[arg(long, env = "SIGIL_JWT_TTL")]
+    pub jwt_ttl: Option<String>,
+    /// File holding the token key K_token (0600; overrides SIGIL_TOKEN_KEY).
+    #[arg(long, env = "SIGIL_TOKEN_KEY_FILE")]
+    pub token_key_file: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// Resolves flags/env over the file over defaults.
+    ///
+    /// # Errors
+    /// A usage message naming the bad value.
+    pub fn resolve(self) -> Result<Config, String> {
+        let file = match &self.config {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA_DIR));
+        let mut cfg = Config::with_data_dir(data_dir);
+        if let Some(td) = self.trust_domain.or(file.trust_domain) {
+            cfg.trust_domain =
+                TrustDomain::parse(&td).map_err(|e| format!("--trust-domain {td:?}: {e}"))?;
+        }
+        if let Some(l) = self.listen.or(file.listen) {
+            cfg.listen = l
+                .parse::<SocketAddr>()
+                .map_err(|_| format!("--listen {l:?}: expected IP:PORT"))?;
+        }
+        cfg.sans = if self.sans.is_empty() {
+            file.san.unwrap_or_default()
+        } else {
+            self.sans
+        };
+        if let Some(s) = self.admin_socket.or(file.admin_socket) {
+            cfg.admin_socket = s;
+        }
+        if let Some(w) = self.window_seconds.or(file.window_seconds) {
+            if w == 0 || w > 3600 {
+                return Err("--window-seconds must be 1..=3600".into());
+            }
+            cfg.window_secs = i64::from(w);
+        }
+        if let Some(t) = self.x509_ttl.or(file.x509_ttl) {
+            cfg.x509_ttl_secs = config::parse_duration_secs(&t)?;
+        }
+        if let Some(t) = self.jwt_ttl.or(file.jwt_ttl) {
+            cfg.jwt_ttl_secs = config::parse_duration_secs(&t)?;
+        }
+        cfg.token_key_file = self.token_key_file.or(file.token_key_file);
+        cfg.token_key_env = std::env::var("SIGIL_TOKEN_KEY").ok();
+        Ok(cfg)
+    }
+}
+
+/// Runs the broker until SIGINT or SIGTERM.
+pub async fn run(args: ServeArgs) -> Result<(), CliError> {
+    let cfg = args.resolve().map_err(CliError::usage)?;
+    tracing::info!(config = %cfg, "starting");
+    let running = crate::server::start(cfg, Arc::new(SystemClock))
+        .await
+        .map_err(|e| CliError::failure(format!("{e:#}")))?;
+    let stopper = running.stopper();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested: draining");
+        let _ = stopper.send(true);
+    });
+    running
+        .wait()
+        .await
+        .map_err(|e| CliError::failure(format!("{e:#}")))
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

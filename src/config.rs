@@ -1,0 +1,171 @@
+//! Configuration in two layers: an optional TOML [`FileConfig`] (unknown keys
+//! rejected) under flags and `SIGIL_*` environment variables (merged by the
+//! CLI), resolved once into a typed [`Config`]. Secrets are given as file
+//! paths or environment variables, never as plain config values.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::identity::TrustDomain;
+
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./sigil-data";
+/// Default trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "sigil.local";
+/// Default TLS listener.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+
+/// The TOML file's shape. Every key is optional; unknown keys are errors.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Trust domain name.
+    pub trust_domain: Option<String>,
+    /// TLS listen address.
+    pub listen: Option<String>,
+    /// Extra serving-certificate SANs (DNS names or IPs).
+    pub san: Option<Vec<String>>,
+    /// Admin socket path.
+    pub admin_socket: Option<PathBuf>,
+    /// Freshness window, seconds.
+    pub window_seconds: Option<u32>,
+    /// X509-SVID lifetime, e.g. "1h".
+    pub x509_ttl: Option<String>,
+    /// JWT-SVID lifetime, e.g. "5m".
+    pub jwt_ttl: Option<String>,
+    /// Path of the token key file (overrides env and the generated key).
+    pub token_key_file: Option<PathBuf>,
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML file.
+    ///
+    /// # Errors
+    /// A message naming the file and the offending key.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    }
+}
+
+/// Resolved server configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Data directory (created 0700 when missing).
+    pub data_dir: PathBuf,
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// TLS listen address; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Extra serving-certificate SANs.
+    pub sans: Vec<String>,
+    /// Admin socket path.
+    pub admin_socket: PathBuf,
+    /// Freshness window, seconds.
+    pub window_secs: i64,
+    /// X509-SVID lifetime, seconds.
+    pub x509_ttl_secs: i64,
+    /// JWT-SVID lifetime, seconds.
+    pub jwt_ttl_secs: i64,
+    /// Token key from a file (highest precedence).
+    pub token_key_file: Option<PathBuf>,
+    /// Token key from `SIGIL_TOKEN_KEY` (base64), second precedence.
+    pub token_key_env: Option<String>,
+    /// Group commit in the SQLite store (default on).
+    pub group_commit: bool,
+}
+
+impl std::fmt::Display for Config {
+    /// A one-line summary without secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "trust_domain={} listen={} data_dir={} admin_socket={} window={}s x509_ttl={}s jwt_ttl={}s",
+            self.trust_domain,
+            self.listen,
+            self.data_dir.display(),
+            self.admin_socket.display(),
+            self.window_secs,
+            self.x509_ttl_secs,
+            self.jwt_ttl_secs
+        )
+    }
+}
+
+impl Config {
+    /// A configuration with every default, rooted at `data_dir`.
+    pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir = data_dir.into();
+        Self {
+            admin_socket: data_dir.join("admin.sock"),
+            data_dir,
+            // A constant that satisfies every trust-domain rule.
+            trust_domain: TrustDomain::parse(DEFAULT_TRUST_DOMAIN)
+                .unwrap_or_else(|_| unreachable!("default trust domain is valid")),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            sans: Vec::new(),
+            window_secs: 300,
+            x509_ttl_secs: 3600,
+            jwt_ttl_secs: 300,
+            token_key_file: None,
+            token_key_env: None,
+            group_commit: true,
+        }
+    }
+}
+
+/// Parses a duration such as `90`, `30s`, `10m`, `1h`, `2d` into seconds.
+///
+/// # Errors
+/// A message quoting the bad value.
+pub fn parse_duration_secs(s: &str) -> Result<i64, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: i64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?}: expected e.g. 30s, 10m, 1h, 2d"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("bad duration unit in {s:?}: use s, m, h or d")),
+    };
+    n.checked_mul(mult)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("duration {s:?} out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_secs("90"), Ok(90));
+        assert_eq!(parse_duration_secs("10m"), Ok(600));
+        assert_eq!(parse_duration_secs("1h"), Ok(3600));
+        assert_eq!(parse_duration_secs("2d"), Ok(172_800));
+        assert!(parse_duration_secs("0").is_err());
+        assert!(parse_duration_secs("5y").is_err());
+        assert!(parse_duration_secs("m").is_err());
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        let err = toml::from_str::<FileConfig>("trust_domain = \"a\"\nlisten_port = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen_port"), "{err}");
+    }
+}

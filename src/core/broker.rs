@@ -1,0 +1,671 @@
+//! [`Broker`]: the enrollment and token rules. Every RPC of the api layer is
+//! one method here, so authorization and audit cannot be bypassed.
+//!
+//! Token enrollment follows DESIGN.md §2.1 and checks, in order, stopping at
+//! the first failure: size limits → HMAC (constant time, needs no lookup) →
+//! payload shape / action / token_id / CSR hash → freshness window → token
+//! lookup and CSR proof of possession → sign in memory → one store
+//! transaction (nonce unused, token usable, consume both, record the
+//! certificate and its audit row) → respond. A signed certificate that loses
+//! the race is dropped; nothing is returned before the commit is durable.
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::Error;
+use crate::{
+    audit::{AuditKind, AuditRecord, AuditRow, ChainVerifier},
+    ca::{self, Ca, JwtParams, X509Params},
+    clock::Clock,
+    identity::{SpiffeId, TrustDomain},
+    store::{IssuedCert, RedeemOutcome, Redemption, RevokeOutcome, Store, TokenRecord},
+    token::{self, EnrollPayload, TokenKey},
+};
+
+/// Largest CSR accepted, bytes.
+pub const MAX_CSR_LEN: usize = 16 * 1024;
+/// Most JWT audiences per request.
+pub const MAX_AUDIENCES: usize = 16;
+/// Longest audience string, bytes.
+pub const MAX_AUDIENCE_LEN: usize = 256;
+/// Most uses one token may carry.
+pub const MAX_TOKEN_USES: u32 = 1_000_000;
+
+/// Tunables of the broker core.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// The trust domain every issued ID lives in.
+    pub trust_domain: TrustDomain,
+    /// Allowed |now − timestamp| for signed payloads, seconds (default 300).
+    pub window_secs: i64,
+    /// X509-SVID lifetime, seconds (default 3600).
+    pub x509_ttl_secs: i64,
+    /// JWT-SVID lifetime, seconds (default 300).
+    pub jwt_ttl_secs: i64,
+    /// Default token lifetime, seconds (default 600).
+    pub default_token_ttl_secs: i64,
+    /// Longest token lifetime an operator may ask for, seconds (default 30 days).
+    pub max_token_ttl_secs: i64,
+    /// `spiffe_refresh_hint` of the bundle, seconds.
+    pub bundle_refresh_hint_secs: u64,
+}
+
+impl BrokerConfig {
+    /// Defaults for `trust_domain`.
+    pub fn new(trust_domain: TrustDomain) -> Self {
+        Self {
+            trust_domain,
+            window_secs: 300,
+            x509_ttl_secs: 3600,
+            jwt_ttl_secs: 300,
+            default_token_ttl_secs: 600,
+            max_token_ttl_secs: 30 * 24 * 3600,
+            bundle_refresh_hint_secs: 300,
+        }
+    }
+}
+
+/// Who is calling, for audit rows and (later) authorization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The local operator on the admin socket (trusted by file permission).
+    LocalAdmin,
+    /// A network peer without a client certificate.
+    Peer {
+        /// `ip:port`, or `unknown`.
+        addr: String,
+    },
+}
+
+impl Caller {
+    fn describe(&self) -> String {
+        match self {
+            Self::LocalAdmin => "local-admin-socket".to_owned(),
+            Self::Peer { addr } => addr.clone(),
+        }
+    }
+}
+
+/// The credential presented with a CSR.
+#[derive(Clone)]
+pub enum Credential {
+    /// Proof of possession of an enrollment token.
+    Token {
+        /// Claimed token id.
+        token_id: String,
+        /// Exact signed payload bytes.
+        payload: Vec<u8>,
+        /// HMAC-SHA256 over `payload`.
+        signature: Vec<u8>,
+    },
+    /// A platform attestation document.
+    Attestation {
+        /// Format name, e.g. `aws_nitro`.
+        format: String,
+        /// The document bytes.
+        document: Vec<u8>,
+    },
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Token { token_id, .. } => f
+                .debug_struct("Token")
+                .field("token_id", token_id)
+                .finish_non_exhaustive(),
+            Self::Attestation { format, document } => f
+                .debug_struct("Attestation")
+                .field("format", format)
+                .field("document_len", &document.len())
+                .finish(),
+        }
+    }
+}
+
+/// An enrollment request in domain terms.
+#[derive(Debug, Clone)]
+pub struct EnrollParams {
+    /// DER PKCS#10 CSR.
+    pub csr: Vec<u8>,
+    /// The credential.
+    pub credential: Credential,
+    /// Audiences for an optional JWT-SVID.
+    pub jwt_audiences: Vec<String>,
+}
+
+/// A successful enrollment.
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    /// The SVID's SPIFFE ID.
+    pub spiffe_id: String,
+    /// DER chain, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// DER CA certificates.
+    pub trust_bundle: Vec<Vec<u8>>,
+    /// JWT-SVID, when audiences were given (never on a retry).
+    pub jwt_svid: Option<String>,
+    /// X509-SVID expiry, Unix seconds.
+    pub expires_at: i64,
+    /// True when a consumed token's first certificate was returned again.
+    pub retried: bool,
+    /// Serial of the leaf, lowercase hex.
+    pub serial: String,
+}
+
+/// A newly created token, shown once.
+pub struct CreatedToken {
+    /// `<token_id>.<secret>`.
+    pub token: String,
+    /// The id.
+    pub token_id: String,
+    /// Expiry, Unix seconds.
+    pub expires_at: i64,
+    /// `sha256:<hex>` pin of the CA key.
+    pub ca_pin: String,
+}
+
+impl std::fmt::Debug for CreatedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedToken")
+            .field("token_id", &self.token_id)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Token metadata for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenView {
+    /// Id.
+    pub token_id: String,
+    /// SPIFFE ID it enrolls as.
+    pub spiffe_id: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// Uses allowed.
+    pub max_uses: u32,
+    /// Uses consumed.
+    pub uses: u32,
+    /// Revoked?
+    pub revoked: bool,
+}
+
+/// The trust bundle.
+#[derive(Debug, Clone)]
+pub struct BundleView {
+    /// Trust domain name.
+    pub trust_domain: String,
+    /// DER CA certificates.
+    pub x509_authorities: Vec<Vec<u8>>,
+    /// SPIFFE bundle JSON.
+    pub spiffe_bundle_json: String,
+    /// `spiffe_sequence`.
+    pub sequence: u64,
+}
+
+/// Result of verifying the audit chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditVerdict {
+    /// Rows checked.
+    pub events: u64,
+    /// `None` when intact, else (seq, problem).
+    pub broken: Option<(u64, String)>,
+}
+
+/// The broker core.
+pub struct Broker {
+    cfg: BrokerConfig,
+    store: Arc<dyn Store>,
+    ca: Arc<Ca>,
+    token_key: TokenKey,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("trust_domain", &self.cfg.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// Assembles a broker from its parts.
+    pub fn new(
+        cfg: BrokerConfig,
+        store: Arc<dyn Store>,
+        ca: Arc<Ca>,
+        token_key: TokenKey,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            cfg,
+            store,
+            ca,
+            token_key,
+            clock,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.cfg
+    }
+
+    /// The store (for the server's maintenance tasks).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// `sha256:<hex>` pin of the CA key.
+    pub fn ca_pin(&self) -> &str {
+        self.ca.ca_pin()
+    }
+
+    // === tokens ===
+
+    /// Mints an enrollment token for `spiffe_id`.
+    ///
+    /// # Errors
+    /// `Malformed` for a bad SPIFFE ID, foreign trust domain, TTL or uses;
+    /// `Unavailable` when the store fails.
+    pub async fn create_token(
+        &self,
+        spiffe_id: &str,
+        ttl_secs: u32,
+        max_uses: u32,
+        caller: &Caller,
+    ) -> Result<CreatedToken, Error> {
+        let id = self.parse_own_id(spiffe_id)?;
+        let ttl = if ttl_secs == 0 {
+            self.cfg.default_token_ttl_secs
+        } else {
+            i64::from(ttl_secs)
+        };
+        if ttl > self.cfg.max_token_ttl_secs {
+            return Err(Error::Malformed(format!(
+                "ttl_seconds exceeds the maximum of {}",
+                self.cfg.max_token_ttl_secs
+            )));
+        }
+        let max_uses = if max_uses == 0 { 1 } else { max_uses };
+        if max_uses > MAX_TOKEN_USES {
+            return Err(Error::Malformed(format!(
+                "max_uses exceeds the maximum of {MAX_TOKEN_USES}"
+            )));
+        }
+        let now = self.clock.now_ms();
+        let minted = self.token_key.mint();
+        let record = TokenRecord {
+            token_id: minted.token_id.clone(),
+            spiffe_id: id.to_string(),
+            created_at_ms: now,
+            expires_at_ms: now + ttl * 1000,
+            max_uses,
+            uses: 0,
+            revoked_at_ms: None,
+        };
+        let audit = AuditRecord::new(now, AuditKind::TokenCreated, "ok")
+            .field("token_id", minted.token_id.as_str())
+            .field("spiffe_id", id.as_str())
+            .field("ttl_seconds", ttl)
+            .field("max_uses", max_uses)
+            .field("caller", caller.describe());
+        self.store.create_token(record, audit).await?;
+        tracing::info!(token_id = %minted.token_id, spiffe_id = %id, ttl, max_uses, "token created");
+        Ok(CreatedToken {
+            token: minted.token_string(),
+            token_id: minted.token_id,
+            expires_at: (now + ttl * 1000).div_euclid(1000),
+            ca_pin: self.ca.ca_pin().to_owned(),
+        })
+    }
+
+    /// Revokes a token. Returns false when it was already revoked.
+    ///
+    /// # Errors
+    /// `Malformed` for a bad id, `TokenUnknown`, `Unavailable`.
+    pub async fn revoke_token(&self, token_id: &str, caller: &Caller) -> Result<bool, Error> {
+        if !token::is_valid_token_id(token_id) {
+            return Err(Error::Malformed("token_id must be 32 lowercase hex characters".into()));
+        }
+        let now = self.clock.now_ms();
+        let audit = AuditRecord::new(now, AuditKind::TokenRevoked, "ok")
+            .field("token_id", token_id)
+            .field("caller", caller.describe());
+        match self.store.revoke_token(token_id, now, audit).await? {
+            RevokeOutcome::Revoked => {
+                tracing::info!(token_id, "token revoked");
+                Ok(true)
+            }
+            RevokeOutcome::AlreadyRevoked => Ok(false),
+            RevokeOutcome::Unknown => Err(Error::TokenUnknown),
+        }
+    }
+
+    /// All tokens, newest first.
+    ///
+    /// # Errors
+    /// `Unavailable`.
+    pub async fn list_tokens(&self) -> Result<Vec<TokenView>, Error> {
+        Ok(self
+            .store
+            .list_tokens()
+            .await?
+            .into_iter()
+            .map(|t| TokenView {
+                token_id: t.token_id,
+                spiffe_id: t.spiffe_id,
+                created_at: t.created_at_ms.div_euclid(1000),
+                expires_at: t.expires_at_ms.div_euclid(1000),
+                max_uses: t.max_uses,
+                uses: t.uses,
+                revoked: t.revoked_at_ms.is_some(),
+            })
+            .collect())
+    }
+
+    // === enrollment ===
+
+    /// Exchanges a credential and a CSR for SVIDs (DESIGN.md §2.1).
+    ///
+    /// # Errors
+    /// Every refusal has its documented reason; refusals are audited and
+    /// change nothing else.
+    pub async fn enroll(&self, req: EnrollParams, caller: &Caller) -> Result<Enrolled, Error> {
+        let claimed_token = match &req.credential {
+            Credential::Token { token_id, .. } if token::is_valid_token_id(token_id) => {
+                Some(token_id.clone())
+            }
+            _ => None,
+        };
+        let result = match req.credential {
+            Credential::Token {
+                ref token_id,
+                ref payload,
+                ref signature,
+            } => {
+                self.enroll_token(&req.csr, token_id, payload, signature, &req.jwt_audiences, caller)
+                    .await
+            }
+            Credential::Attestation { .. } => Err(Error::Unimplemented(
+                "attestation-based enrollment is not available yet".into(),
+            )),
+        };
+        if let Err(e) = &result {
+            self.audit_denial("enroll", e, caller, claimed_token.as_deref())
+                .await;
+        }
+        result
+    }
+
+    async fn enroll_token(
+        &self,
+        csr: &[u8],
+        token_id: &str,
+        payload: &[u8],
+        signature: &[u8],
+        audiences: &[String],
+        caller: &Caller,
+    ) -> Result<Enrolled, Error> {
+        // 1. Size limits and shape of what we need before the HMAC.
+        if csr.is_empty() {
+            return Err(Error::Malformed("csr is empty".into()));
+        }
+        if csr.len() > MAX_CSR_LEN {
+            return Err(Error::Malformed(format!("csr larger than {MAX_CSR_LEN} bytes")));
+        }
+        if payload.len() > token::MAX_PAYLOAD_LEN {
+            return Err(Error::Malformed(format!(
+                "payload larger than {} bytes",
+                token::MAX_PAYLOAD_LEN
+            )));
+        }
+        check_audiences(audiences)?;
+        if !token::is_valid_token_id(token_id) {
+            return Err(Error::Malformed("token_id must be 32 lowercase hex characters".into()));
+        }
+
+        // 2. Possession: constant-time HMAC under the re-derived token secret.
+        if !self.token_key.derive_secret(token_id).verify(payload, signature) {
+            return Err(Error::InvalidSignature);
+        }
+
+        // 3. Payload shape, action, binding to token and CSR.
+        let p = EnrollPayload::parse(payload).map_err(|e| Error::Malformed(e.to_string()))?;
+        if p.action != token::ACTION_ENROLL {
+            return Err(Error::Malformed(format!(
+                "payload action must be {}",
+                token::ACTION_ENROLL
+            )));
+        }
+        if p.token_id != token_id {
+            return Err(Error::Malformed("payload token_id does not match the token".into()));
+        }
+        if !p.csr_sha256.eq_ignore_ascii_case(&hex::encode(Sha256::digest(csr))) {
+            return Err(Error::Malformed("payload csr_sha256 does not match the CSR".into()));
+        }
+        let nonce = token::normalize_nonce(&p.nonce).map_err(|e| Error::Malformed(e.to_string()))?;
+
+        // 4. Freshness.
+        let now = self.clock.now_ms();
+        self.check_window(p.timestamp, now)?;
+
+        // 5. Token (for its SPIFFE ID) and CSR proof of possession.
+        let record = self
+            .store
+            .fetch_token(token_id)
+            .await?
+            .ok_or(Error::TokenUnknown)?;
+        let spiffe_id = SpiffeId::parse(&record.spiffe_id).map_err(|_| {
+            tracing::error!(token_id, "stored token has an invalid SPIFFE ID");
+            Error::Internal
+        })?;
+        let csr = ca::verify_csr(csr).map_err(|e| Error::Malformed(format!("csr: {e}")))?;
+
+        // 6. Sign in memory; kept only if the transaction below wins.
+        let issued = self
+            .ca
+            .issue_x509(&X509Params {
+                spiffe_id: &spiffe_id,
+                csr: &csr,
+                now_ms: now,
+                ttl_secs: self.cfg.x509_ttl_secs,
+                dns_names: &[],
+            })
+            .map_err(|e| {
+                tracing::error!(error = %e, "signing failed");
+                Error::Internal
+            })?;
+        let cert = IssuedCert {
+            serial: issued.serial_hex.clone(),
+            token_id: Some(token_id.to_owned()),
+            spiffe_id: spiffe_id.to_string(),
+            spki_sha256: csr.spki_sha256_hex().to_owned(),
+            issued_at_ms: now,
+            not_after_ms: issued.not_after_ms,
+            der: issued.der,
+        };
+        let audit = AuditRecord::new(now, AuditKind::Issued, "ok")
+            .field("token_id", token_id)
+            .field("spiffe_id", spiffe_id.as_str())
+            .field("serial", cert.serial.as_str())
+            .field("not_after_ms", cert.not_after_ms)
+            .field("jwt", !audiences.is_empty())
+            .field("caller", caller.describe());
+
+        // 7. One durable transaction decides.
+        let outcome = self
+            .store
+            .redeem_token(Redemption {
+                token_id: token_id.to_owned(),
+                nonce: format!("enroll:{nonce}"),
+                nonce_expires_at_ms: p.timestamp.max(now) + self.cfg.window_secs * 1000 + 60_000,
+                now_ms: now,
+                cert: cert.clone(),
+                audit,
+            })
+            .await?;
+        match outcome {
+            RedeemOutcome::Issued => {
+                let jwt_svid = if audiences.is_empty() {
+                    None
+                } else {
+                    Some(self.mint_jwt(&spiffe_id, audiences, now)?)
+                };
+                tracing::info!(token_id, spiffe_id = %spiffe_id, serial = %cert.serial, "issued");
+                Ok(self.enrolled(cert, jwt_svid, false))
+            }
+            RedeemOutcome::Retried(previous) => {
+                let audit = AuditRecord::new(now, AuditKind::Reissued, "ok")
+                    .field("token_id", token_id)
+                    .field("spiffe_id", previous.spiffe_id.as_str())
+                    .field("serial", previous.serial.as_str())
+                    .field("caller", caller.describe());
+                self.store.append_audit(audit).await?;
+                tracing::info!(token_id, serial = %previous.serial, "retried: returned the first certificate");
+                Ok(self.enrolled(previous, None, true))
+            }
+            RedeemOutcome::NonceReplayed => Err(Error::NonceReplayed),
+            RedeemOutcome::TokenUnknown => Err(Error::TokenUnknown),
+            RedeemOutcome::TokenExpired => Err(Error::TokenExpired),
+            RedeemOutcome::TokenRevoked => Err(Error::TokenRevoked),
+            RedeemOutcome::TokenAlreadyUsed => Err(Error::TokenAlreadyUsed),
+        }
+    }
+
+    fn check_window(&self, timestamp_ms: i64, now_ms: i64) -> Result<(), Error> {
+        let window_ms = self.cfg.window_secs.saturating_mul(1000);
+        if now_ms.saturating_sub(timestamp_ms).saturating_abs() > window_ms {
+            return Err(Error::RequestExpired {
+                server_time_ms: now_ms,
+                window_seconds: self.cfg.window_secs,
+            });
+        }
+        Ok(())
+    }
+
+    fn mint_jwt(&self, id: &SpiffeId, audiences: &[String], now_ms: i64) -> Result<String, Error> {
+        self.ca
+            .mint_jwt(&JwtParams {
+                spiffe_id: id,
+                audiences,
+                now_secs: now_ms.div_euclid(1000),
+                ttl_secs: self.cfg.jwt_ttl_secs,
+            })
+            .map(|m| m.token)
+            .map_err(|e| {
+                tracing::error!(error = %e, "JWT signing failed");
+                Error::Internal
+            })
+    }
+
+    fn enrolled(&self, cert: IssuedCert, jwt_svid: Option<String>, retried: bool) -> Enrolled {
+        Enrolled {
+            spiffe_id: cert.spiffe_id,
+            // Leaf only: the CA signs SVIDs directly, so there are no intermediates.
+            chain: vec![cert.der],
+            trust_bundle: vec![self.ca.ca_cert_der().to_vec()],
+            jwt_svid,
+            expires_at: cert.not_after_ms.div_euclid(1000),
+            retried,
+            serial: cert.serial,
+        }
+    }
+
+    async fn audit_denial(&self, op: &str, e: &Error, caller: &Caller, token_id: Option<&str>) {
+        let now = self.clock.now_ms();
+        let mut rec = AuditRecord::new(now, AuditKind::Denied, e.reason())
+            .field("op", op)
+            .field("caller", caller.describe());
+        if let Some(t) = token_id {
+            rec = rec.field("token_id", t);
+        }
+        tracing::info!(op, reason = e.reason(), caller = %caller.describe(), token_id, "denied");
+        if let Err(err) = self.store.append_audit(rec).await {
+            tracing::error!(error = %err, "could not audit a denial");
+        }
+    }
+
+    // === bundle and audit ===
+
+    /// The current trust bundle.
+    pub fn bundle(&self) -> BundleView {
+        let sequence = 1;
+        BundleView {
+            trust_domain: self.cfg.trust_domain.to_string(),
+            x509_authorities: vec![self.ca.ca_cert_der().to_vec()],
+            spiffe_bundle_json: self
+                .ca
+                .bundle_json(sequence, self.cfg.bundle_refresh_hint_secs),
+            sequence,
+        }
+    }
+
+    /// Audit rows after `after_seq`.
+    ///
+    /// # Errors
+    /// `Unavailable`.
+    pub async fn list_audit(&self, after_seq: u64, limit: u32) -> Result<Vec<AuditRow>, Error> {
+        let limit = match limit {
+            0 => 100,
+            n => n.min(1000),
+        };
+        Ok(self.store.list_audit(after_seq, limit).await?)
+    }
+
+    /// Walks the whole audit chain.
+    ///
+    /// # Errors
+    /// `Unavailable`.
+    pub async fn verify_audit(&self) -> Result<AuditVerdict, Error> {
+        let mut v = ChainVerifier::default();
+        let mut after = 0;
+        loop {
+            let rows = self.store.list_audit(after, 1000).await?;
+            let Some(last) = rows.last() else { break };
+            after = last.seq;
+            for r in &rows {
+                if let Err(b) = v.check(r) {
+                    return Ok(AuditVerdict {
+                        events: v.count(),
+                        broken: Some((b.seq, b.problem)),
+                    });
+                }
+            }
+        }
+        Ok(AuditVerdict {
+            events: v.count(),
+            broken: None,
+        })
+    }
+
+    fn parse_own_id(&self, s: &str) -> Result<SpiffeId, Error> {
+        let id = SpiffeId::parse(s).map_err(|e| Error::Malformed(format!("spiffe_id: {e}")))?;
+        if id.trust_domain() != self.cfg.trust_domain.as_str() {
+            return Err(Error::Malformed(format!(
+                "spiffe_id must be in trust domain {}",
+                self.cfg.trust_domain
+            )));
+        }
+        Ok(id)
+    }
+}
+
+fn check_audiences(audiences: &[String]) -> Result<(), Error> {
+    if audiences.len() > MAX_AUDIENCES {
+        return Err(Error::Malformed(format!("more than {MAX_AUDIENCES} jwt_audiences")));
+    }
+    for a in audiences {
+        if a.is_empty() || a.len() > MAX_AUDIENCE_LEN {
+            return Err(Error::Malformed(format!(
+                "each jwt_audience must be 1..={MAX_AUDIENCE_LEN} bytes"
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,344 @@
+//! Composition root: builds the secrets, CA, store and broker from a
+//! [`Config`], then serves the `Identity` service (plus health and
+//! reflection) over TLS and the `Admin` service on a `0600` Unix socket.
+//! The only module that names concrete backends. Shutdown drains in-flight
+//! calls on both listeners, then flushes and closes the store.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use tokio::{net::UnixListener, sync::watch, task::JoinHandle};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::{server::TcpIncoming, Identity as TlsIdentity, Server, ServerTlsConfig};
+
+use crate::{
+    api::{pb, AdminApi, IdentityApi},
+    ca::{Ca, CaOptions},
+    clock::Clock,
+    config::Config,
+    core::{Broker, BrokerConfig},
+    secret::{self, Secret},
+    store::{
+        sqlite::{SqliteOptions, SqliteStore},
+        Store,
+    },
+    token::TokenKey,
+};
+
+/// How often expired nonces are purged.
+const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// How long shutdown waits for in-flight calls.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// A started server. Dropping it does not stop it; call [`Running::shutdown`].
+pub struct Running {
+    /// The bound TLS address (useful with port 0).
+    pub addr: SocketAddr,
+    /// The admin socket path.
+    pub admin_socket: PathBuf,
+    /// `sha256:<hex>` CA pin.
+    pub ca_pin: String,
+    /// The broker core (for in-process tests and benchmarks).
+    pub broker: Arc<Broker>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("addr", &self.addr)
+            .field("admin_socket", &self.admin_socket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Running {
+    /// Stops accepting, drains in-flight calls, closes the store.
+    ///
+    /// # Errors
+    /// When a listener task failed.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.task.await.context("server task panicked")?
+    }
+
+    /// Waits until the server stops by itself (e.g. listener failure).
+    ///
+    /// # Errors
+    /// When a listener task failed.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("server task panicked")?
+    }
+
+    /// A handle that triggers shutdown from elsewhere (signal handlers).
+    pub fn stopper(&self) -> watch::Sender<bool> {
+        self.stop.clone()
+    }
+}
+
+/// Creates the data directory `0700` if missing; refuses one that others can write.
+fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
+    if !dir.exists() {
+        fs::create_dir_all(dir).with_context(|| format!("create data dir {}", dir.display()))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    let mode = fs::metadata(dir)?.permissions().mode();
+    if mode & 0o022 != 0 {
+        bail!(
+            "data dir {} is writable by group or others (mode {:o}); run: chmod 700 {}",
+            dir.display(),
+            mode & 0o777,
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Token key precedence (DESIGN.md §3): file > `SIGIL_TOKEN_KEY` > generated-and-stored.
+fn load_token_key(cfg: &Config) -> anyhow::Result<TokenKey> {
+    if let Some(path) = &cfg.token_key_file {
+        let s = secret::read_secret_file(path)?
+            .with_context(|| format!("token key file {} not found", path.display()))?;
+        return token_key_from(s, "token key file");
+    }
+    if let Some(b64) = &cfg.token_key_env {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .map_err(|_| anyhow::anyhow!("SIGIL_TOKEN_KEY is not valid base64"))?;
+        return token_key_from(Secret::new(raw), "SIGIL_TOKEN_KEY");
+    }
+    let (s, created) =
+        secret::load_or_generate(&cfg.data_dir.join("token_key"), || Secret::random(32))?;
+    if created {
+        tracing::info!("generated a new token key (stored 0600 in the data dir)");
+    }
+    token_key_from(s, "token key")
+}
+
+fn token_key_from(s: Secret, what: &str) -> anyhow::Result<TokenKey> {
+    if s.len() < 32 {
+        bail!("{what} must be at least 32 bytes");
+    }
+    Ok(TokenKey::new(s))
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// Builds everything and starts serving. Returns once both listeners are bound.
+///
+/// # Errors
+/// Bad data dir, unreadable or too-open secret files, a CA of another trust
+/// domain, a busy port or socket.
+pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
+    prepare_data_dir(&cfg.data_dir)?;
+    let token_key = load_token_key(&cfg)?;
+    let (ca, created) = Ca::load_or_create(
+        &cfg.data_dir,
+        &cfg.trust_domain,
+        clock.now_ms(),
+        CaOptions::default(),
+    )
+    .context("load CA")?;
+    if created {
+        tracing::info!(ca_pin = ca.ca_pin(), "generated a new CA");
+    }
+    let ca = Arc::new(ca);
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(
+            &cfg.data_dir.join("sigil.db"),
+            SqliteOptions {
+                group_commit: cfg.group_commit,
+                ..SqliteOptions::default()
+            },
+        )
+        .context("open store")?,
+    );
+    let mut bcfg = BrokerConfig::new(cfg.trust_domain.clone());
+    bcfg.window_secs = cfg.window_secs;
+    bcfg.x509_ttl_secs = cfg.x509_ttl_secs;
+    bcfg.jwt_ttl_secs = cfg.jwt_ttl_secs;
+    let broker = Arc::new(Broker::new(bcfg, store.clone(), ca.clone(), token_key, clock.clone()));
+
+    // TLS serving identity, signed by our CA; clients pin the CA key.
+    let mut sans = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    if !cfg.listen.ip().is_unspecified() {
+        sans.push(cfg.listen.ip().to_string());
+    }
+    sans.extend(cfg.sans.iter().cloned());
+    sans.dedup();
+    let (leaf, key) = ca.serving_cert(&sans, clock.now_ms()).context("serving certificate")?;
+    let cert_pem = pem("CERTIFICATE", &leaf) + &pem("CERTIFICATE", ca.ca_cert_der());
+    let key_pem = zeroize::Zeroizing::new(pem("PRIVATE KEY", key.expose()));
+    let tls = ServerTlsConfig::new()
+        .identity(TlsIdentity::from_pem(cert_pem, key_pem.as_bytes()))
+        .timeout(Duration::from_secs(10));
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("bind {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    fs::write(cfg.data_dir.join("listen.addr"), format!("{addr}\n"))?;
+
+    let admin_listener = bind_admin_socket(&cfg.admin_socket)?;
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::identity_server::IdentityServer<IdentityApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("reflection service")?;
+
+    let (stop, stop_rx) = watch::channel(false);
+    let public = Server::builder()
+        .tls_config(tls)?
+        .timeout(Duration::from_secs(30))
+        .max_concurrent_streams(256)
+        .http2_max_header_list_size(16 * 1024)
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(IdentityApi::new(broker.clone()).into_service())
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), wait_stop(stop_rx.clone()));
+    let admin = Server::builder()
+        .timeout(Duration::from_secs(30))
+        .add_service(AdminApi::new(broker.clone()).into_service())
+        .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), wait_stop(stop_rx.clone()));
+
+    let purge_store = store.clone();
+    let purge_clock = clock.clone();
+    let mut purge_stop = stop_rx.clone();
+    let purger = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(PURGE_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    match purge_store.purge_expired(purge_clock.now_ms()).await {
+                        Ok(n) if n > 0 => tracing::debug!(purged = n, "expired nonces purged"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "nonce purge failed"),
+                    }
+                }
+                _ = purge_stop.changed() => break,
+            }
+        }
+    });
+
+    let socket_path = cfg.admin_socket.clone();
+    let stop_on_failure = stop.clone();
+    let task = tokio::spawn(async move {
+        let public = tokio::spawn(public);
+        let admin = tokio::spawn(admin);
+        let (p, a) = tokio::join!(public, admin);
+        // Either listener ending (error or shutdown) stops the other.
+        let _ = stop_on_failure.send(true);
+        let _ = purger.await;
+        let drained = tokio::time::timeout(DRAIN_GRACE, store.close()).await;
+        if drained.is_err() {
+            tracing::warn!("store did not close within the grace period");
+        }
+        let _ = fs::remove_file(&socket_path);
+        p.context("public listener panicked")?.context("public listener")?;
+        a.context("admin listener panicked")?.context("admin listener")?;
+        tracing::info!("stopped");
+        Ok(())
+    });
+
+    tracing::info!(
+        trust_domain = %cfg.trust_domain,
+        listen = %addr,
+        admin_socket = %cfg.admin_socket.display(),
+        store = "sqlite",
+        ca_pin = ca.ca_pin(),
+        "sigil serving"
+    );
+    Ok(Running {
+        addr,
+        admin_socket: cfg.admin_socket.clone(),
+        ca_pin: ca.ca_pin().to_owned(),
+        broker,
+        stop,
+        task,
+    })
+}
+
+async fn wait_stop(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Binds the admin socket with mode `0600`, replacing a stale socket file
+/// left by a crash but refusing to steal one a live server answers on.
+fn bind_admin_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "admin socket {} is in use: is another sigil serving this data dir?",
+                path.display()
+            );
+        }
+        fs::remove_file(path).with_context(|| format!("remove stale {}", path.display()))?;
+    }
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("bind admin socket {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Verifies the audit chain of a data dir without a running broker
+/// (forensics must not depend on the process that writes the log).
+///
+/// # Errors
+/// The store cannot be opened.
+pub async fn verify_audit_offline(data_dir: &Path) -> anyhow::Result<crate::core::AuditVerdict> {
+    let db = data_dir.join("sigil.db");
+    if !db.exists() {
+        bail!("no store at {}", db.display());
+    }
+    let store = SqliteStore::open(&db, SqliteOptions::default()).context("open store")?;
+    let mut v = crate::audit::ChainVerifier::default();
+    let mut after = 0;
+    let mut broken = None;
+    'outer: loop {
+        let rows = store.list_audit(after, 1000).await?;
+        let Some(last) = rows.last() else { break };
+        after = last.seq;
+        for r in &rows {
+            if let Err(b) = v.check(r) {
+                broken = Some((b.seq, b.problem));
+                break 'outer;
+            }
+        }
+    }
+    store.close().await;
+    Ok(crate::core::AuditVerdict {
+        events: v.count(),
+        broken,
+    })
+}

@@ -1,0 +1,1354 @@
+//! The embedded SQLite backend of [`Store`]: schema and migrations, the
+//! group-commit writer thread, and the read connection.
+//!
+//! It owns the database file and every SQL statement; nothing outside this
+//! file names `rusqlite`. It must not know any crypto or policy: it stores
+//! what it is given and applies the one-use rules of [`Store`] atomically.
+//!
+//! # Writes: one thread, group commit
+//! A single dedicated thread owns the write connection. Every state-changing
+//! method becomes an `Op` sent over a channel with a oneshot reply. The
+//! writer blocks for one op, drains up to `max_batch - 1` more that are
+//! already queued, and runs them all in one `BEGIN IMMEDIATE … COMMIT` (one
+//! fsync for the whole batch). Each op runs inside its own `SAVEPOINT`, so an
+//! op that fails with an error is rolled back alone while the others commit.
+//! Replies are sent only after `COMMIT` returned, so `Ok` always means durable
+//! (`synchronous=FULL`). Logical refusals (`NonceReplayed`, …) are not errors:
+//! they write nothing and commit with the batch. A caller that stops waiting
+//! does not cancel its write: once queued, an op is applied.
+//!
+//! Because one thread applies every write in order, the check-then-consume
+//! steps of [`Store::redeem_token`] can never interleave with another write.
+//!
+//! # The audit chain head
+//! The writer keeps the last committed audit `(seq, hash)` in memory so that
+//! appending does not re-read the table. A rolled-back savepoint restores the
+//! head saved before that op; a failed batch restores the head from the
+//! database (or, failing that, the copy taken at batch start).
+//!
+//! # Reads
+//! Reads use a separate read-only connection (WAL lets it run alongside the
+//! writer) behind a mutex, on tokio's blocking pool.
+//!
+//! Nothing here logs row contents; errors carry SQLite's message, which names
+//! tables and columns, never values.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row};
+use tokio::sync::oneshot;
+
+use super::{
+    IssuedCert, RedeemOutcome, Redemption, RevokeOutcome, Store, StoreCounts, StoreError,
+    TokenRecord,
+};
+use crate::audit::{self, AuditRecord, AuditRow, GENESIS_HASH};
+
+/// How long a connection waits on a lock held by another process before
+/// failing with `SQLITE_BUSY`.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Schema migrations; `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
+/// Append new entries, never edit old ones.
+const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+
+/// Version 1: tokens, nonces, issued certificates, audit chain.
+const SCHEMA_V1: &str = "
+CREATE TABLE tokens (
+    token_id      TEXT    NOT NULL PRIMARY KEY,
+    spiffe_id     TEXT    NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    max_uses      INTEGER NOT NULL,
+    uses          INTEGER NOT NULL,
+    revoked_at_ms INTEGER
+) STRICT;
+
+CREATE TABLE nonces (
+    nonce         TEXT    NOT NULL PRIMARY KEY,
+    expires_at_ms INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+CREATE INDEX nonces_expires_at_ms ON nonces (expires_at_ms);
+
+CREATE TABLE issued (
+    serial        TEXT    NOT NULL PRIMARY KEY,
+    token_id      TEXT    REFERENCES tokens (token_id),
+    spiffe_id     TEXT    NOT NULL,
+    spki_sha256   TEXT    NOT NULL,
+    issued_at_ms  INTEGER NOT NULL,
+    not_after_ms  INTEGER NOT NULL,
+    der           BLOB    NOT NULL
+) STRICT;
+CREATE INDEX issued_token_spki ON issued (token_id, spki_sha256);
+
+CREATE TABLE audit (
+    seq           INTEGER NOT NULL PRIMARY KEY,
+    time_ms       INTEGER NOT NULL,
+    kind          TEXT    NOT NULL,
+    outcome       TEXT    NOT NULL,
+    fields_json   TEXT    NOT NULL,
+    prev_hash     TEXT    NOT NULL,
+    hash          TEXT    NOT NULL
+) STRICT;
+";
+
+const TOKEN_COLUMNS: &str =
+    "token_id, spiffe_id, created_at_ms, expires_at_ms, max_uses, uses, revoked_at_ms";
+const ISSUED_COLUMNS: &str =
+    "serial, token_id, spiffe_id, spki_sha256, issued_at_ms, not_after_ms, der";
+const AUDIT_COLUMNS: &str = "seq, time_ms, kind, outcome, fields_json, prev_hash, hash";
+
+/// Tuning for [`SqliteStore`].
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// Commit queued writes together (one fsync per batch). `false` gives
+    /// every write its own transaction; only useful to compare in benchmarks.
+    pub group_commit: bool,
+    /// Most writes in one batch (values below 1 count as 1).
+    pub max_batch: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            group_commit: true,
+            max_batch: 256,
+        }
+    }
+}
+
+/// The SQLite [`Store`]. Open with [`SqliteStore::open`]; call
+/// [`Store::close`] on shutdown (dropping also stops the writer, blocking
+/// until it has finished the queued writes).
+pub struct SqliteStore {
+    /// Queue to the writer thread; `None` once closed.
+    ops: RwLock<Option<mpsc::Sender<Op>>>,
+    /// The writer thread, joined by `close` or `drop`.
+    writer: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    /// The read-only connection.
+    reader: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, applies pending
+    /// schema migrations and starts the writer thread.
+    ///
+    /// # Errors
+    /// `Unavailable` if the file cannot be opened or configured, or the
+    /// thread cannot start; `Corrupt` if the file's schema is newer than this
+    /// build or its audit head cannot be read.
+    pub fn open(path: &Path, opts: SqliteOptions) -> Result<Self, StoreError> {
+        let writer = Writer::open(path, opts)?;
+        let reader = open_reader(path)?;
+        let (tx, rx) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("sigil-store-writer".into())
+            .spawn(move || writer.run(&rx))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
+        Ok(Self {
+            ops: RwLock::new(Some(tx)),
+            writer: tokio::sync::Mutex::new(Some(handle)),
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    /// Queues `op` for the writer.
+    fn submit(&self, op: Op) -> Result<(), StoreError> {
+        let guard = self.ops.read().unwrap_or_else(PoisonError::into_inner);
+        match guard.as_ref() {
+            None => Err(closed()),
+            Some(tx) => tx.send(op).map_err(|_| writer_stopped()),
+        }
+    }
+
+    /// Sends a write and waits for its reply (sent after the commit).
+    async fn write<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(make(tx))?;
+        rx.await.map_err(|_| writer_stopped())?
+    }
+
+    /// Runs `f` on the read connection on the blocking pool.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let reader = Arc::clone(&self.reader);
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock cannot leave the connection in a
+            // bad state (reads hold no transaction open), so poison is ignored.
+            let conn = reader.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&conn)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Dropping the only sender ends the writer's loop once the queue is
+        // drained; join so the write connection is closed when drop returns.
+        self.ops
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = self.writer.get_mut().take() {
+            if handle.join().is_err() {
+                tracing::error!("store writer thread panicked");
+            }
+        }
+    }
+}
+
+fn closed() -> StoreError {
+    StoreError::Unavailable("closed".into())
+}
+
+fn unavailable<T>(msg: &str) -> Result<T, StoreError> {
+    Err(StoreError::Unavailable(msg.to_owned()))
+}
+
+fn writer_stopped() -> StoreError {
+    StoreError::Unavailable("writer stopped".into())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_token(&self, token: TokenRecord, audit: AuditRecord) -> Result<(), StoreError> {
+        self.write(|reply| Op::CreateToken {
+            token,
+            audit,
+            reply,
+        })
+        .await
+    }
+
+    async fn fetch_token(&self, token_id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let token_id = token_id.to_owned();
+        self.read(move |c| {
+            let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_id = ?1");
+            let mut stmt = c.prepare_cached(&sql)?;
+            Ok(stmt.query_row([&token_id], token_from_row).optional()?)
+        })
+        .await
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.read(|c| {
+            let sql = format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at_ms DESC, rowid DESC"
+            );
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map([], token_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn revoke_token(
+        &self,
+        token_id: &str,
+        now_ms: i64,
+        audit: AuditRecord,
+    ) -> Result<RevokeOutcome, StoreError> {
+        let token_id = token_id.to_owned();
+        self.write(|reply| Op::RevokeToken {
+            token_id,
+            now_ms,
+            audit,
+            reply,
+        })
+        .await
+    }
+
+    async fn fetch_issued_for_token(
+        &self,
+        token_id: &str,
+        spki_sha256: &str,
+        now_ms: i64,
+    ) -> Result<Option<IssuedCert>, StoreError> {
+        let token_id = token_id.to_owned();
+        let spki_sha256 = spki_sha256.to_owned();
+        self.read(move |c| Ok(valid_cert_for_key(c, &token_id, &spki_sha256, now_ms)?))
+            .await
+    }
+
+    async fn fetch_issued(&self, serial: &str) -> Result<Option<IssuedCert>, StoreError> {
+        let serial = serial.to_owned();
+        self.read(move |c| {
+            let sql = format!("SELECT {ISSUED_COLUMNS} FROM issued WHERE serial = ?1");
+            let mut stmt = c.prepare_cached(&sql)?;
+            Ok(stmt.query_row([&serial], issued_from_row).optional()?)
+        })
+        .await
+    }
+
+    async fn redeem_token(&self, redemption: Redemption) -> Result<RedeemOutcome, StoreError> {
+        self.write(|reply| Op::RedeemToken {
+            redemption: Box::new(redemption),
+            reply,
+        })
+        .await
+    }
+
+    async fn append_audit(&self, audit: AuditRecord) -> Result<u64, StoreError> {
+        self.write(|reply| Op::AppendAudit { audit, reply }).await
+    }
+
+    async fn list_audit(&self, after_seq: u64, limit: u32) -> Result<Vec<AuditRow>, StoreError> {
+        // Past i64::MAX no row can exist.
+        let Ok(after_seq) = i64::try_from(after_seq) else {
+            return Ok(Vec::new());
+        };
+        self.read(move |c| {
+            let sql =
+                format!("SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2");
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(params![after_seq, limit], audit_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn purge_expired(&self, now_ms: i64) -> Result<u64, StoreError> {
+        self.write(|reply| Op::PurgeExpired { now_ms, reply }).await
+    }
+
+    async fn counts(&self) -> Result<StoreCounts, StoreError> {
+        self.read(|c| {
+            let (tokens, issued, nonces, audit) = c.query_row(
+                "SELECT (SELECT COUNT(*) FROM tokens), (SELECT COUNT(*) FROM issued), \
+                        (SELECT COUNT(*) FROM nonces), (SELECT COUNT(*) FROM audit)",
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                },
+            )?;
+            Ok(StoreCounts {
+                tokens: to_u64(tokens)?,
+                issued: to_u64(issued)?,
+                nonces: to_u64(nonces)?,
+                audit: to_u64(audit)?,
+            })
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        // Stop accepting: later writes see `None` and fail with "closed".
+        self.ops
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        // Holding the async lock while joining makes a concurrent second
+        // `close` wait for the first instead of returning early.
+        let mut writer = self.writer.lock().await;
+        if let Some(handle) = writer.take() {
+            match tokio::task::spawn_blocking(move || handle.join()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => tracing::error!("store writer thread panicked"),
+                Err(e) => tracing::error!(error = %e, "could not join store writer thread"),
+            }
+        }
+    }
+}
+
+// === Errors and conversions ===
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match &e {
+            rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::ConstraintViolation => {
+                StoreError::Conflict(e.to_string())
+            }
+            rusqlite::Error::SqliteFailure(f, _)
+                if matches!(f.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) =>
+            {
+                StoreError::Corrupt(e.to_string())
+            }
+            rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..)
+            | rusqlite::Error::InvalidColumnType(..) => StoreError::Corrupt(e.to_string()),
+            _ => StoreError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+fn to_u64(v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt("negative count or sequence".into()))
+}
+
+fn to_i64(v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Corrupt("sequence out of range".into()))
+}
+
+fn token_from_row(r: &Row<'_>) -> rusqlite::Result<TokenRecord> {
+    Ok(TokenRecord {
+        token_id: r.get(0)?,
+        spiffe_id: r.get(1)?,
+        created_at_ms: r.get(2)?,
+        expires_at_ms: r.get(3)?,
+        max_uses: r.get(4)?,
+        uses: r.get(5)?,
+        revoked_at_ms: r.get(6)?,
+    })
+}
+
+fn issued_from_row(r: &Row<'_>) -> rusqlite::Result<IssuedCert> {
+    Ok(IssuedCert {
+        serial: r.get(0)?,
+        token_id: r.get(1)?,
+        spiffe_id: r.get(2)?,
+        spki_sha256: r.get(3)?,
+        issued_at_ms: r.get(4)?,
+        not_after_ms: r.get(5)?,
+        der: r.get(6)?,
+    })
+}
+
+fn audit_from_row(r: &Row<'_>) -> rusqlite::Result<AuditRow> {
+    let seq: i64 = r.get(0)?;
+    let seq = u64::try_from(seq).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(0, seq))?;
+    Ok(AuditRow {
+        seq,
+        time_ms: r.get(1)?,
+        kind: r.get(2)?,
+        outcome: r.get(3)?,
+        fields_json: r.get(4)?,
+        prev_hash: r.get(5)?,
+        hash: r.get(6)?,
+    })
+}
+
+// === Connections and schema ===
+
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "query_only", "ON")?;
+    Ok(conn)
+}
+
+fn open_writer_conn(path: &Path) -> Result<Connection, StoreError> {
+    let mut conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Unavailable(format!(
+            "cannot enable WAL journal mode (got {mode})"
+        )));
+    }
+    // WAL + FULL: every commit fsyncs the WAL, so a reply of `Ok` survives
+    // power loss.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+/// Applies the migrations the file has not seen, in one transaction.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = MIGRATIONS.len();
+    let version = usize::try_from(version)
+        .map_err(|_| StoreError::Corrupt(format!("negative schema version {version}")))?;
+    if version > known {
+        return Err(StoreError::Corrupt(format!(
+            "schema version {version} is newer than this build supports ({known})"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        tx.execute_batch(sql)?;
+        // `user_version` lives in the file header and is transactional.
+        let next = i64::try_from(i + 1)
+            .map_err(|_| StoreError::Corrupt("schema version out of range".into()))?;
+        tx.pragma_update(None, "user_version", next)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// The last committed audit row's `(seq, hash)`, or `(0, GENESIS_HASH)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ChainHead {
+    seq: u64,
+    hash: String,
+}
+
+fn load_head(conn: &Connection) -> Result<ChainHead, StoreError> {
+    let last = conn
+        .query_row(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+        )
+        .optional()?;
+    Ok(match last {
+        Some((seq, hash)) => ChainHead {
+            seq: to_u64(seq)?,
+            hash,
+        },
+        None => ChainHead {
+            seq: 0,
+            hash: GENESIS_HASH.to_owned(),
+        },
+    })
+}
+
+// === The writer ===
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// One state-changing request for the writer thread.
+enum Op {
+    CreateToken {
+        token: TokenRecord,
+        audit: AuditRecord,
+        reply: Reply<()>,
+    },
+    RevokeToken {
+        token_id: String,
+        now_ms: i64,
+        audit: AuditRecord,
+        reply: Reply<RevokeOutcome>,
+    },
+    RedeemToken {
+        redemption: Box<Redemption>,
+        reply: Reply<RedeemOutcome>,
+    },
+    AppendAudit {
+        audit: AuditRecord,
+        reply: Reply<u64>,
+    },
+    PurgeExpired {
+        now_ms: i64,
+        reply: Reply<u64>,
+    },
+}
+
+/// An applied op: its reply channel and result, held until the batch commits.
+enum Done {
+    Unit(Reply<()>, Result<(), StoreError>),
+    Revoke(Reply<RevokeOutcome>, Result<RevokeOutcome, StoreError>),
+    Redeem(Reply<RedeemOutcome>, Result<RedeemOutcome, StoreError>),
+    Count(Reply<u64>, Result<u64, StoreError>),
+}
+
+impl Op {
+    /// Runs the op against the open transaction. On `Err` the caller rolls
+    /// back the op's savepoint.
+    fn apply(self, conn: &Connection, head: &mut ChainHead) -> Done {
+        match self {
+            Op::CreateToken {
+                token,
+                audit,
+                reply,
+            } => Done::Unit(reply, create_token(conn, head, &token, &audit)),
+            Op::RevokeToken {
+                token_id,
+                now_ms,
+                audit,
+                reply,
+            } => Done::Revoke(reply, revoke_token(conn, head, &token_id, now_ms, &audit)),
+            Op::RedeemToken { redemption, reply } => {
+                Done::Redeem(reply, redeem_token(conn, head, &redemption))
+            }
+            Op::AppendAudit { audit, reply } => {
+                Done::Count(reply, append_audit(conn, head, &audit))
+            }
+            Op::PurgeExpired { now_ms, reply } => Done::Count(reply, purge_expired(conn, now_ms)),
+        }
+    }
+
+    /// The op was not applied: it will reply `Unavailable(msg)`.
+    fn fail(self, msg: &str) -> Done {
+        match self {
+            Op::CreateToken { reply, .. } => Done::Unit(reply, unavailable(msg)),
+            Op::RevokeToken { reply, .. } => Done::Revoke(reply, unavailable(msg)),
+            Op::RedeemToken { reply, .. } => Done::Redeem(reply, unavailable(msg)),
+            Op::AppendAudit { reply, .. } | Op::PurgeExpired { reply, .. } => {
+                Done::Count(reply, unavailable(msg))
+            }
+        }
+    }
+}
+
+impl Done {
+    fn is_err(&self) -> bool {
+        match self {
+            Done::Unit(_, r) => r.is_err(),
+            Done::Revoke(_, r) => r.is_err(),
+            Done::Redeem(_, r) => r.is_err(),
+            Done::Count(_, r) => r.is_err(),
+        }
+    }
+
+    /// The batch did not commit: replace the result with `Unavailable(msg)`.
+    fn fail(self, msg: &str) -> Done {
+        match self {
+            Done::Unit(tx, _) => Done::Unit(tx, unavailable(msg)),
+            Done::Revoke(tx, _) => Done::Revoke(tx, unavailable(msg)),
+            Done::Redeem(tx, _) => Done::Redeem(tx, unavailable(msg)),
+            Done::Count(tx, _) => Done::Count(tx, unavailable(msg)),
+        }
+    }
+
+    /// Delivers the result. A caller that stopped waiting is not an error:
+    /// the write happened (or not) regardless.
+    fn send(self) {
+        match self {
+            Done::Unit(tx, r) => drop(tx.send(r)),
+            Done::Revoke(tx, r) => drop(tx.send(r)),
+            Done::Redeem(tx, r) => drop(tx.send(r)),
+            Done::Count(tx, r) => drop(tx.send(r)),
+        }
+    }
+}
+
+/// Owns the write connection and the in-memory audit chain head.
+struct Writer {
+    conn: Connection,
+    head: ChainHead,
+    opts: SqliteOptions,
+}
+
+impl Writer {
+    fn open(path: &Path, opts: SqliteOptions) -> Result<Self, StoreError> {
+        let conn = open_writer_conn(path)?;
+        let head = load_head(&conn)?;
+        Ok(Self { conn, head, opts })
+    }
+
+    /// The thread body: until every sender is gone and the queue is empty.
+    fn run(mut self, rx: &mpsc::Receiver<Op>) {
+        let max = if self.opts.group_commit {
+            self.opts.max_batch.max(1)
+        } else {
+            1
+        };
+        while let Ok(first) = rx.recv() {
+            let mut batch = Vec::with_capacity(max.min(64));
+            batch.push(first);
+            while batch.len() < max {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.run_batch(batch);
+        }
+    }
+
+    /// Applies `ops` in one transaction, commits, then replies to each.
+    fn run_batch(&mut self, ops: Vec<Op>) {
+        let start_head = self.head.clone();
+        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+            tracing::error!(error = %e, ops = ops.len(), "store batch could not begin");
+            for op in ops {
+                op.fail("could not begin transaction").send();
+            }
+            return;
+        }
+        let mut done = Vec::with_capacity(ops.len());
+        let mut ops = ops.into_iter();
+        let mut aborted = None;
+        for op in ops.by_ref() {
+            let before = self.head.clone();
+            if let Err(e) = self.conn.execute_batch("SAVEPOINT op") {
+                aborted = Some(e.to_string());
+                done.push(op.fail("transaction aborted"));
+                break;
+            }
+            let d = op.apply(&self.conn, &mut self.head);
+            let failed = d.is_err();
+            done.push(d);
+            let end = if failed {
+                self.head = before;
+                if self.conn.is_autocommit() {
+                    // SQLite rolled back the whole transaction (e.g. I/O
+                    // error, disk full): earlier ops of the batch are lost too.
+                    Err("transaction rolled back by SQLite".to_owned())
+                } else {
+                    self.conn
+                        .execute_batch("ROLLBACK TO op; RELEASE op")
+                        .map_err(|e| e.to_string())
+                }
+            } else {
+                self.conn
+                    .execute_batch("RELEASE op")
+                    .map_err(|e| e.to_string())
+            };
+            if let Err(e) = end {
+                aborted = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = aborted {
+            tracing::error!(error = %e, "store batch aborted");
+            let rest: Vec<Done> = ops.map(|op| op.fail("transaction aborted")).collect();
+            self.fail_batch(
+                done.into_iter().chain(rest),
+                start_head,
+                "transaction aborted",
+            );
+            return;
+        }
+        if let Err(e) = self.conn.execute_batch("COMMIT") {
+            tracing::error!(error = %e, ops = done.len(), "store batch failed to commit");
+            self.fail_batch(done, start_head, "commit failed");
+            return;
+        }
+        for d in done {
+            d.send();
+        }
+    }
+
+    /// Rolls back whatever is open, restores the chain head to what is
+    /// committed and replies `Unavailable` to every op of the batch.
+    fn fail_batch(&mut self, done: impl IntoIterator<Item = Done>, start: ChainHead, msg: &str) {
+        if !self.conn.is_autocommit() {
+            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+                tracing::error!(error = %e, "store rollback failed");
+            }
+        }
+        // The database is the truth; the batch-start copy is what it held.
+        self.head = match load_head(&self.conn) {
+            Ok(h) => h,
+            Err(_) => start,
+        };
+        for d in done {
+            d.fail(msg).send();
+        }
+    }
+}
+
+// === Write operations (inside the writer's transaction) ===
+
+fn create_token(
+    conn: &Connection,
+    head: &mut ChainHead,
+    token: &TokenRecord,
+    audit: &AuditRecord,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO tokens (token_id, spiffe_id, created_at_ms, expires_at_ms, max_uses, uses, \
+         revoked_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    stmt.execute(params![
+        token.token_id,
+        token.spiffe_id,
+        token.created_at_ms,
+        token.expires_at_ms,
+        token.max_uses,
+        token.uses,
+        token.revoked_at_ms,
+    ])?;
+    append_audit(conn, head, audit)?;
+    Ok(())
+}
+
+fn revoke_token(
+    conn: &Connection,
+    head: &mut ChainHead,
+    token_id: &str,
+    now_ms: i64,
+    audit: &AuditRecord,
+) -> Result<RevokeOutcome, StoreError> {
+    let revoked: Option<Option<i64>> = conn
+        .prepare_cached("SELECT revoked_at_ms FROM tokens WHERE token_id = ?1")?
+        .query_row([token_id], |r| r.get(0))
+        .optional()?;
+    match revoked {
+        None => Ok(RevokeOutcome::Unknown),
+        Some(Some(_)) => Ok(RevokeOutcome::AlreadyRevoked),
+        Some(None) => {
+            conn.prepare_cached("UPDATE tokens SET revoked_at_ms = ?2 WHERE token_id = ?1")?
+                .execute(params![token_id, now_ms])?;
+            append_audit(conn, head, audit)?;
+            Ok(RevokeOutcome::Revoked)
+        }
+    }
+}
+
+/// The ordered checks documented on [`Store::redeem_token`]. The writer
+/// thread runs one op at a time, so nothing can change between a check and
+/// the write that follows it.
+fn redeem_token(
+    conn: &Connection,
+    head: &mut ChainHead,
+    r: &Redemption,
+) -> Result<RedeemOutcome, StoreError> {
+    // 1. A remembered nonce, whatever token it was used with.
+    let seen = conn
+        .prepare_cached("SELECT 1 FROM nonces WHERE nonce = ?1")?
+        .query_row([&r.nonce], |_| Ok(()))
+        .optional()?;
+    if seen.is_some() {
+        return Ok(RedeemOutcome::NonceReplayed);
+    }
+    // 2. Token state.
+    let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_id = ?1");
+    let Some(token) = conn
+        .prepare_cached(&sql)?
+        .query_row([&r.token_id], token_from_row)
+        .optional()?
+    else {
+        return Ok(RedeemOutcome::TokenUnknown);
+    };
+    if token.revoked_at_ms.is_some() {
+        return Ok(RedeemOutcome::TokenRevoked);
+    }
+    // 3. A lost response retried with the same key gets the same certificate.
+    if let Some(cert) = valid_cert_for_key(conn, &r.token_id, &r.cert.spki_sha256, r.now_ms)? {
+        remember_nonce(conn, &r.nonce, r.nonce_expires_at_ms)?;
+        return Ok(RedeemOutcome::Retried(cert));
+    }
+    // 4–5.
+    if r.now_ms >= token.expires_at_ms {
+        return Ok(RedeemOutcome::TokenExpired);
+    }
+    if token.uses >= token.max_uses {
+        return Ok(RedeemOutcome::TokenAlreadyUsed);
+    }
+    // 6. Win.
+    remember_nonce(conn, &r.nonce, r.nonce_expires_at_ms)?;
+    conn.prepare_cached("UPDATE tokens SET uses = uses + 1 WHERE token_id = ?1")?
+        .execute([&r.token_id])?;
+    let c = &r.cert;
+    // The certificate is recorded against the token that paid for it, so
+    // step 3 finds it on a retry whatever `cert.token_id` said.
+    conn.prepare_cached(
+        "INSERT INTO issued (serial, token_id, spiffe_id, spki_sha256, issued_at_ms, \
+         not_after_ms, der) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        c.serial,
+        r.token_id,
+        c.spiffe_id,
+        c.spki_sha256,
+        c.issued_at_ms,
+        c.not_after_ms,
+        c.der,
+    ])?;
+    append_audit(conn, head, &r.audit)?;
+    Ok(RedeemOutcome::Issued)
+}
+
+fn remember_nonce(conn: &Connection, nonce: &str, expires_at_ms: i64) -> Result<(), StoreError> {
+    conn.prepare_cached("INSERT INTO nonces (nonce, expires_at_ms) VALUES (?1, ?2)")?
+        .execute(params![nonce, expires_at_ms])?;
+    Ok(())
+}
+
+/// The newest certificate issued for `token_id` to `spki_sha256` that is
+/// still valid at `now_ms`. Shared by the read path and redemption step 3.
+fn valid_cert_for_key(
+    conn: &Connection,
+    token_id: &str,
+    spki_sha256: &str,
+    now_ms: i64,
+) -> rusqlite::Result<Option<IssuedCert>> {
+    let sql = format!(
+        "SELECT {ISSUED_COLUMNS} FROM issued \
+         WHERE token_id = ?1 AND spki_sha256 = ?2 AND not_after_ms > ?3 \
+         ORDER BY issued_at_ms DESC, rowid DESC LIMIT 1"
+    );
+    conn.prepare_cached(&sql)?
+        .query_row(params![token_id, spki_sha256, now_ms], issued_from_row)
+        .optional()
+}
+
+/// Links `audit` to the chain head and inserts it; advances the head.
+fn append_audit(
+    conn: &Connection,
+    head: &mut ChainHead,
+    audit: &AuditRecord,
+) -> Result<u64, StoreError> {
+    let seq = head
+        .seq
+        .checked_add(1)
+        .ok_or_else(|| StoreError::Corrupt("audit sequence exhausted".into()))?;
+    let fields_json = audit.fields_json();
+    let hash = audit::chain_hash(
+        &head.hash,
+        seq,
+        audit.time_ms,
+        &audit.kind,
+        &audit.outcome,
+        &fields_json,
+    );
+    conn.prepare_cached(
+        "INSERT INTO audit (seq, time_ms, kind, outcome, fields_json, prev_hash, hash) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        to_i64(seq)?,
+        audit.time_ms,
+        audit.kind,
+        audit.outcome,
+        fields_json,
+        head.hash,
+        hash,
+    ])?;
+    *head = ChainHead { seq, hash };
+    Ok(seq)
+}
+
+fn purge_expired(conn: &Connection, now_ms: i64) -> Result<u64, StoreError> {
+    let n = conn
+        .prepare_cached("DELETE FROM nonces WHERE expires_at_ms <= ?1")?
+        .execute([now_ms])?;
+    u64::try_from(n).map_err(|_| StoreError::Corrupt("row count out of range".into()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::audit::AuditKind;
+    use crate::store::conformance::{self, redemption, token, NOW};
+
+    fn opts(group_commit: bool, max_batch: usize) -> SqliteOptions {
+        SqliteOptions {
+            group_commit,
+            max_batch,
+        }
+    }
+
+    fn open_in(dir: &tempfile::TempDir, o: SqliteOptions) -> SqliteStore {
+        SqliteStore::open(&dir.path().join("sigil.db"), o).expect("open")
+    }
+
+    fn record(i: u64) -> AuditRecord {
+        AuditRecord::new(NOW, AuditKind::Denied, "test").field("i", i)
+    }
+
+    /// One test per conformance check, each on a fresh store.
+    macro_rules! conformance_tests {
+        ($($check:ident),* $(,)?) => {$(
+            #[tokio::test]
+            async fn $check() {
+                let dir = tempfile::tempdir().unwrap();
+                let store = open_in(&dir, SqliteOptions::default());
+                conformance::$check(&store).await;
+                store.close().await;
+            }
+        )*};
+    }
+
+    mod conformance_fresh {
+        use super::*;
+        conformance_tests!(
+            create_fetch_list_tokens,
+            duplicate_token_id_conflicts,
+            redeem_happy_path,
+            redeem_refusals_in_order,
+            redeem_retry_returns_first_cert,
+            redeem_retry_needs_a_valid_cert,
+            redeem_error_changes_nothing,
+            max_uses_three,
+            concurrent_redeems_have_one_winner,
+            revoke_outcomes,
+            purge_expired_nonces,
+            concurrent_audit_appends_chain,
+        );
+    }
+
+    #[tokio::test]
+    async fn conformance_on_one_store_with_group_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_in(&dir, SqliteOptions::default());
+        conformance::run_all(&store).await;
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn conformance_without_group_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_in(&dir, opts(false, 256));
+        conformance::run_all(&store).await;
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn conformance_with_tiny_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_in(&dir, opts(true, 2));
+        conformance::run_all(&store).await;
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn schema_is_versioned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sigil.db");
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        store.close().await;
+        drop(store);
+        {
+            let c = Connection::open(&path).unwrap();
+            let v: i64 = c
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(v, 1);
+            let mode: String = c
+                .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(mode, "wal");
+        }
+        // Reopening an up-to-date file applies nothing and works.
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        assert_eq!(store.counts().await.unwrap(), StoreCounts::default());
+        store.close().await;
+        drop(store);
+        // A file from a newer build is refused, not misread.
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 2)
+            .unwrap();
+        let err = SqliteStore::open(&path, SqliteOptions::default()).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn reopen_keeps_tokens_nonces_and_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = token("durable", 1, conformance::NOW);
+        let first = redemption("durable", "k1", "durable-n1", NOW);
+        let before = {
+            let store = open_in(&dir, SqliteOptions::default());
+            store
+                .create_token(
+                    t.clone(),
+                    AuditRecord::new(NOW, AuditKind::TokenCreated, "ok"),
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                store.redeem_token(first.clone()).await.unwrap(),
+                RedeemOutcome::Issued
+            );
+            store.append_audit(record(1)).await.unwrap();
+            let counts = store.counts().await.unwrap();
+            store.close().await;
+            counts
+        };
+        assert_eq!(before.audit, 3);
+
+        let store = open_in(&dir, SqliteOptions::default());
+        assert_eq!(store.counts().await.unwrap(), before);
+        let got = store.fetch_token(&t.token_id).await.unwrap().unwrap();
+        assert_eq!(got.uses, 1);
+        assert!(store
+            .fetch_issued(&first.cert.serial)
+            .await
+            .unwrap()
+            .is_some());
+        // The nonce is still remembered; the used token is still used.
+        assert_eq!(
+            store.redeem_token(first.clone()).await.unwrap(),
+            RedeemOutcome::NonceReplayed
+        );
+        assert_eq!(
+            store
+                .redeem_token(redemption("durable", "k2", "durable-n2", NOW))
+                .await
+                .unwrap(),
+            RedeemOutcome::TokenAlreadyUsed
+        );
+        // The chain continues from the stored head.
+        assert_eq!(store.append_audit(record(2)).await.unwrap(), 4);
+        let rows = conformance::all_audit(&store).await;
+        assert_eq!(rows.len(), 4);
+        store.close().await;
+        drop(store);
+
+        // Once more, after a plain drop instead of close.
+        let store = open_in(&dir, SqliteOptions::default());
+        assert_eq!(store.append_audit(record(3)).await.unwrap(), 5);
+        drop(store);
+        let store = open_in(&dir, SqliteOptions::default());
+        assert_eq!(conformance::all_audit(&store).await.len(), 5);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn writes_after_close_are_refused_and_reads_still_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_in(&dir, SqliteOptions::default());
+        store.append_audit(record(1)).await.unwrap();
+        store.close().await;
+        store.close().await; // idempotent
+        match store.append_audit(record(2)).await {
+            Err(StoreError::Unavailable(m)) => assert_eq!(m, "closed"),
+            other => panic!("expected Unavailable(closed), got {other:?}"),
+        }
+        let t = token("closed", 1, conformance::NOW);
+        let audit = AuditRecord::new(NOW, AuditKind::TokenCreated, "ok");
+        assert!(matches!(
+            store.create_token(t, audit).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(
+            store.purge_expired(NOW).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert_eq!(store.counts().await.unwrap().audit, 1);
+    }
+
+    /// Writes racing with `close` either succeed durably or are refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn close_drains_accepted_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open_in(&dir, SqliteOptions::default()));
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let s = Arc::clone(&store);
+                tokio::spawn(async move { s.append_audit(record(i)).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        store.close().await;
+        let mut ok = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => ok += 1,
+                Err(StoreError::Unavailable(m)) => assert_eq!(m, "closed"),
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        drop(store);
+        let store = open_in(&dir, SqliteOptions::default());
+        assert_eq!(conformance::all_audit(&store).await.len(), ok);
+        store.close().await;
+    }
+
+    /// The race on real tokio tasks across worker threads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+    async fn concurrent_tasks_redeem_one_use_token_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open_in(&dir, SqliteOptions::default()));
+        let t = token("tasks", 1, conformance::NOW);
+        store
+            .create_token(
+                t.clone(),
+                AuditRecord::new(NOW, AuditKind::TokenCreated, "ok"),
+            )
+            .await
+            .unwrap();
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let s = Arc::clone(&store);
+                let r = redemption("tasks", &format!("k{i}"), &format!("tasks-n{i}"), NOW);
+                tokio::spawn(async move { s.redeem_token(r).await })
+            })
+            .collect();
+        let mut issued = 0;
+        let mut used = 0;
+        for t in tasks {
+            match t.await.unwrap().unwrap() {
+                RedeemOutcome::Issued => issued += 1,
+                RedeemOutcome::TokenAlreadyUsed => used += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!((issued, used), (1, 63));
+        let c = store.counts().await.unwrap();
+        assert_eq!((c.nonces, c.issued, c.audit), (1, 1, 2));
+        store.close().await;
+    }
+
+    /// Concurrent creates with one duplicate id: the duplicate fails alone.
+    #[tokio::test]
+    async fn failing_op_in_concurrent_batch_leaves_others_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_in(&dir, SqliteOptions::default());
+        let mut toks: Vec<TokenRecord> = (0..20)
+            .map(|i| token(&format!("batch-{i}"), 1, 1))
+            .collect();
+        toks.push(toks[7].clone());
+        let futs = toks
+            .iter()
+            .map(|t| {
+                let audit = AuditRecord::new(NOW, AuditKind::TokenCreated, "ok")
+                    .field("token_id", t.token_id.clone());
+                store.create_token(t.clone(), audit)
+            })
+            .collect();
+        let outs = conformance::join_all(futs).await;
+        let conflicts = outs
+            .iter()
+            .filter(|o| matches!(o, Err(StoreError::Conflict(_))))
+            .count();
+        assert_eq!(conflicts, 1);
+        assert_eq!(outs.iter().filter(|o| o.is_ok()).count(), 20);
+        let c = store.counts().await.unwrap();
+        assert_eq!((c.tokens, c.audit), (20, 20));
+        conformance::all_audit(&store).await;
+        store.close().await;
+    }
+
+    // --- Batches driven directly on a writer, so their composition is exact.
+
+    fn writer_in(dir: &tempfile::TempDir) -> Writer {
+        Writer::open(&dir.path().join("sigil.db"), SqliteOptions::default()).unwrap()
+    }
+
+    fn append_op(i: u64) -> (Op, oneshot::Receiver<Result<u64, StoreError>>) {
+        let (reply, rx) = oneshot::channel();
+        (
+            Op::AppendAudit {
+                audit: record(i),
+                reply,
+            },
+            rx,
+        )
+    }
+
+    fn create_op(label: &str) -> (Op, oneshot::Receiver<Result<(), StoreError>>) {
+        let (reply, rx) = oneshot::channel();
+        let t = token(label, 1, 1);
+        let audit = AuditRecord::new(NOW, AuditKind::TokenCreated, "ok")
+            .field("token_id", t.token_id.clone());
+        (
+            Op::CreateToken {
+                token: t,
+                audit,
+                reply,
+            },
+            rx,
+        )
+    }
+
+    fn chain_of(conn: &Connection) -> Vec<AuditRow> {
+        let mut stmt = conn
+            .prepare(&format!("SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq"))
+            .unwrap();
+        let rows = stmt.query_map([], audit_from_row).unwrap();
+        rows.collect::<Result<Vec<_>, _>>().unwrap()
+    }
+
+    #[test]
+    fn erroring_op_rolls_back_alone_within_a_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer_in(&dir);
+        let (a1, r1) = append_op(1);
+        let (c1, rc1) = create_op("one");
+        let (c2, rc2) = create_op("one"); // duplicate: Conflict
+        let (a2, r2) = append_op(2);
+        w.run_batch(vec![a1, c1, c2, a2]);
+        assert_eq!(r1.blocking_recv().unwrap().unwrap(), 1);
+        rc1.blocking_recv().unwrap().unwrap();
+        assert!(matches!(
+            rc2.blocking_recv().unwrap(),
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(r2.blocking_recv().unwrap().unwrap(), 3);
+        let rows = chain_of(&w.conn);
+        assert_eq!(audit::verify_chain(&rows), Ok(3));
+        assert_eq!(w.head, load_head(&w.conn).unwrap());
+    }
+
+    /// A batch whose COMMIT fails replies `Unavailable` to every op, keeps
+    /// nothing, and the next batch continues the committed chain.
+    #[test]
+    fn failed_commit_fails_whole_batch_and_resets_chain_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer_in(&dir);
+        let (a0, r0) = append_op(0);
+        w.run_batch(vec![a0]);
+        assert_eq!(r0.blocking_recv().unwrap().unwrap(), 1);
+        let committed = w.head.clone();
+
+        // A deferred foreign-key violation, triggered by a 'boom' audit row,
+        // lets every statement succeed and makes COMMIT fail.
+        w.conn
+            .execute_batch(
+                "CREATE TEMP TABLE p (id INTEGER PRIMARY KEY);
+                 CREATE TEMP TABLE c (pid INTEGER REFERENCES p (id) DEFERRABLE INITIALLY DEFERRED);
+                 CREATE TEMP TRIGGER boom AFTER INSERT ON main.audit WHEN NEW.outcome = 'boom'
+                 BEGIN INSERT INTO c (pid) VALUES (42); END;",
+            )
+            .unwrap();
+        let (a1, r1) = append_op(1);
+        let (c1, rc1) = create_op("lost");
+        let (boom_reply, rboom) = oneshot::channel();
+        let boom = Op::AppendAudit {
+            audit: AuditRecord::new(NOW, AuditKind::Denied, "boom"),
+            reply: boom_reply,
+        };
+        w.run_batch(vec![a1, c1, boom]);
+        for r in [
+            r1.blocking_recv().unwrap().map(|_| ()),
+            rc1.blocking_recv().unwrap(),
+            rboom.blocking_recv().unwrap().map(|_| ()),
+        ] {
+            assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        }
+        assert!(w.conn.is_autocommit(), "transaction closed");
+        assert_eq!(w.head, committed);
+        let tokens: i64 = w
+            .conn
+            .query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(tokens, 0);
+
+        w.conn.execute_batch("DROP TRIGGER temp.boom").unwrap();
+        let (a2, r2) = append_op(2);
+        w.run_batch(vec![a2]);
+        assert_eq!(r2.blocking_recv().unwrap().unwrap(), 2);
+        assert_eq!(audit::verify_chain(&chain_of(&w.conn)), Ok(2));
+    }
+
+    #[test]
+    fn dropping_the_store_stops_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = open_in(&dir, SqliteOptions::default());
+        rt.block_on(store.append_audit(record(1))).unwrap();
+        drop(store); // joins the writer thread
+                     // The write connection is gone: an exclusive lock is available.
+        let c = Connection::open(dir.path().join("sigil.db")).unwrap();
+        c.execute_batch("PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE; COMMIT;")
+            .unwrap();
+        let n: i64 = c
+            .query_row("SELECT COUNT(*) FROM audit", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+}

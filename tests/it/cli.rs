@@ -1,0 +1,195 @@
+//! The README quick start through the real `sigil` binary: serve, token
+//! create, enroll; exit codes; graceful shutdown; and a trace-level log that
+//! never contains a secret.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sigil");
+
+fn sigil(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("SIGIL_DATA_DIR")
+        .output()
+        .unwrap()
+}
+
+fn wait_for(path: &Path) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(t.elapsed() < Duration::from_secs(20), "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn serve(data: &Path, log: &Path) -> Child {
+    Command::new(BIN)
+        .args(["serve", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .env("SIGIL_LOG", "trace")
+        .stderr(std::fs::File::create(log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn stop(mut child: Child) {
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let t = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "serve exited with {status}");
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "serve did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn readme_quick_start_through_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("sigil-data");
+    let log = dir.path().join("serve.log");
+    let child = serve(&data, &log);
+    wait_for(&data.join("listen.addr"));
+    wait_for(&data.join("admin.sock"));
+    let addr = std::fs::read_to_string(data.join("listen.addr")).unwrap();
+    let broker = format!("https://{}", addr.trim());
+    let d = data.to_str().unwrap();
+
+    // 1. Human output with a ready-to-paste enroll line.
+    let o = sigil(&["token", "create", "--data-dir", d, "--spiffe-id", "spiffe://sigil.local/ci/build", "--ttl", "10m"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("sigil enroll "))
+        .expect("enroll line");
+    assert!(line.contains(&broker), "{line}");
+    let human_token = out
+        .lines()
+        .find_map(|l| l.strip_prefix("token:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    // 2. Paste the enroll line as printed (with our own --out).
+    let out_dir = dir.path().join("svid");
+    let mut args: Vec<String> = line.split_whitespace().skip(1).map(String::from).collect();
+    let i = args.iter().position(|a| a == "--out").unwrap();
+    args[i + 1] = out_dir.to_str().unwrap().to_owned();
+    args.extend(["--jwt-audience".into(), "https://api.example".into()]);
+    let o = Command::new(BIN).args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    for f in ["svid.pem", "svid.key", "bundle.pem", "jwt"] {
+        assert!(out_dir.join(f).exists(), "{f}");
+    }
+    let mode = std::fs::metadata(out_dir.join("svid.key")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let svid = std::fs::read_to_string(out_dir.join("svid.pem")).unwrap();
+    let bundle = std::fs::read_to_string(out_dir.join("bundle.pem")).unwrap();
+    let leaf = &sigil::cli::pem_certs(&svid)[0];
+    let ca = &sigil::cli::pem_certs(&bundle)[0];
+    let (_, leaf) = x509_parser::parse_x509_certificate(leaf).unwrap();
+    let (_, ca) = x509_parser::parse_x509_certificate(ca).unwrap();
+    leaf.verify_signature(Some(ca.public_key())).unwrap();
+
+    // 3. Same token again, new key: denied (exit 3).
+    let o = Command::new(BIN).args(&args).output().unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("TOKEN_ALREADY_USED"));
+
+    // 4. JSON output for scripts; --bundle instead of --ca-pin.
+    let o = sigil(&["token", "create", "--data-dir", d, "--spiffe-id", "spiffe://sigil.local/vm/a", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let token = j["token"].as_str().unwrap().to_owned();
+    assert!(j["ca_pin"].as_str().unwrap().starts_with("sha256:"));
+    let out2 = dir.path().join("svid2");
+    let o = sigil(&["enroll", "--broker", &broker, "--token", &token, "--bundle", out_dir.join("bundle.pem").to_str().unwrap(), "--out", out2.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // 5. Exit codes: unreachable (4), bad usage (2), wrong pin (4).
+    let o = sigil(&["enroll", "--broker", "https://127.0.0.1:1", "--token", &token, "--ca-pin", j["ca_pin"].as_str().unwrap(), "--out", out2.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let o = sigil(&["enroll", "--broker", &broker, "--token", "nope", "--ca-pin", j["ca_pin"].as_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let o = sigil(&["enroll", "--broker", &broker, "--token", &token]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let bad_pin = format!("sha256:{}", "00".repeat(32));
+    let o = sigil(&["enroll", "--broker", &broker, "--token", &token, "--ca-pin", &bad_pin, "--out", out2.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+
+    // 6. List, revoke, audit.
+    let o = sigil(&["token", "list", "--data-dir", d, "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 2);
+    let o = sigil(&["token", "revoke", "--data-dir", d, j["token_id"].as_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = sigil(&["audit", "verify", "--data-dir", d]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = sigil(&["audit", "list", "--data-dir", d, "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // 7. Graceful shutdown on SIGTERM; offline audit verify still works.
+    stop(child);
+    assert!(!data.join("admin.sock").exists());
+    let o = sigil(&["audit", "verify", "--data-dir", d]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // 8. The trace-level log holds no secret: not the tokens, not any key.
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("sigil serving"), "startup summary line");
+    let mut secrets = vec![human_token.clone(), token.clone()];
+    secrets.push(human_token.split('.').nth(1).unwrap().to_owned());
+    secrets.push(token.split('.').nth(1).unwrap().to_owned());
+    let token_key = std::fs::read(data.join("token_key")).unwrap();
+    secrets.push(hex::encode(&token_key));
+    use base64::Engine;
+    secrets.push(base64::engine::general_purpose::STANDARD.encode(&token_key));
+    for f in ["ca.key", "jwt.key"] {
+        let pem = std::fs::read_to_string(data.join(f)).unwrap();
+        secrets.extend(pem.lines().filter(|l| !l.starts_with("-----")).map(String::from));
+    }
+    let key = std::fs::read_to_string(out_dir.join("svid.key")).unwrap();
+    secrets.extend(key.lines().filter(|l| !l.starts_with("-----")).map(String::from));
+    secrets.push(std::fs::read_to_string(out_dir.join("jwt")).unwrap());
+    for s in &secrets {
+        assert!(s.len() >= 16);
+        assert!(!log.contains(s.as_str()), "secret material found in the log");
+    }
+    // Secret files are 0600.
+    for f in ["token_key", "ca.key", "jwt.key"] {
+        let mode = std::fs::metadata(data.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+}
+
+#[test]
+fn serve_refuses_a_world_readable_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let log = dir.path().join("log");
+    let child = serve(&data, &log);
+    wait_for(&data.join("admin.sock"));
+    stop(child);
+    std::fs::set_permissions(data.join("token_key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = sigil(&["serve", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("chmod 600"), "{}", text(&o));
+}

@@ -1,0 +1,153 @@
+//! Test harness: a real broker (real TLS on loopback, real SQLite file) in a
+//! temp dir with a mock clock, and clients built from the generated code.
+
+use std::{path::PathBuf, sync::Arc};
+
+use sigil::{
+    api::pb::{self, admin_client::AdminClient, identity_client::IdentityClient},
+    clock::{Clock, MockClock},
+    config::Config,
+    server::{self, Running},
+    token::{self, TokenSecret},
+};
+use tonic::transport::Channel;
+
+pub struct TestBroker {
+    pub dir: tempfile::TempDir,
+    pub clock: MockClock,
+    pub running: Option<Running>,
+}
+
+impl TestBroker {
+    pub fn config(&self) -> Config {
+        let mut cfg = Config::with_data_dir(self.dir.path().join("data"));
+        cfg.listen = "127.0.0.1:0".parse().unwrap();
+        cfg
+    }
+
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = MockClock::starting_now();
+        let mut b = Self {
+            dir,
+            clock,
+            running: None,
+        };
+        b.boot().await;
+        b
+    }
+
+    async fn boot(&mut self) {
+        let running = server::start(self.config(), Arc::new(self.clock.clone()))
+            .await
+            .expect("server starts");
+        self.running = Some(running);
+    }
+
+    pub async fn restart(&mut self) {
+        self.running.take().unwrap().shutdown().await.unwrap();
+        self.boot().await;
+    }
+
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().unwrap()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.running().addr.port())
+    }
+
+    pub async fn identity(&self) -> IdentityClient<Channel> {
+        let trust = sigil::cli::Trust::from_pin(&self.running().ca_pin).unwrap();
+        let ch = sigil::cli::connect_tls(&self.url(), sigil::cli::tls_config(&trust).unwrap())
+            .await
+            .unwrap();
+        IdentityClient::new(ch)
+    }
+
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(
+            sigil::cli::connect_admin(self.running().admin_socket.clone())
+                .await
+                .unwrap(),
+        )
+    }
+
+    /// Creates a token; returns (token string, id, secret).
+    pub async fn token(&self, spiffe_id: &str, uses: u32, ttl: u32) -> (String, String, TokenSecret) {
+        let r = self
+            .admin()
+            .await
+            .create_enrollment_token(pb::CreateEnrollmentTokenRequest {
+                spiffe_id: spiffe_id.into(),
+                ttl_seconds: ttl,
+                max_uses: uses,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let (id, secret) = token::parse_token(&r.token).unwrap();
+        assert_eq!(id, r.token_id);
+        (r.token, id, secret)
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    pub async fn counts(&self) -> sigil::store::StoreCounts {
+        self.running().broker.store().counts().await.unwrap()
+    }
+}
+
+pub fn key_and_csr() -> (rcgen::KeyPair, Vec<u8>) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap();
+    (key, csr.der().to_vec())
+}
+
+pub fn csr_for(key: &rcgen::KeyPair) -> Vec<u8> {
+    rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(key)
+        .unwrap()
+        .der()
+        .to_vec()
+}
+
+/// An enroll request with a correctly signed payload.
+pub fn enroll_req(id: &str, secret: &TokenSecret, csr: &[u8], now_ms: i64, aud: &[&str]) -> pb::EnrollRequest {
+    pb::EnrollRequest {
+        csr: csr.to_vec(),
+        credential: Some(pb::enroll_request::Credential::Token(sigil::cli::token_proof(
+            id, secret, csr, now_ms,
+        ))),
+        jwt_audiences: aud.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// An enroll request with an arbitrary payload, correctly HMAC-signed.
+pub fn signed_raw(id: &str, secret: &TokenSecret, csr: &[u8], payload: Vec<u8>) -> pb::EnrollRequest {
+    pb::EnrollRequest {
+        csr: csr.to_vec(),
+        credential: Some(pb::enroll_request::Credential::Token(pb::TokenProof {
+            token_id: id.into(),
+            signature: secret.sign(&payload),
+            payload,
+        })),
+        jwt_audiences: vec![],
+    }
+}
+
+pub fn reason(s: &tonic::Status) -> String {
+    sigil::api::status::error_info(s)
+        .map(|(r, _)| r)
+        .unwrap_or_else(|| format!("<no ErrorInfo: {:?}>", s.code()))
+}

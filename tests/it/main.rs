@@ -1,0 +1,5 @@
+//! Integration tests: one binary, real server on loopback.
+
+mod cli;
+mod enroll;
+mod harness;
