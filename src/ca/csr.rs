@@ -252,11 +252,15 @@ fn rsa_modulus_bits(modulus: &[u8]) -> Option<u32> {
         return None;
     }
     let start = modulus.iter().position(|&b| b != 0)?;
-    let significant = &modulus[start..];
+    let significant = modulus.get(start..)?;
     let first = *significant.first()?;
-    let bits = (significant.len() - 1)
+    // `first` is non-zero, so it contributes 1..=8 bits.
+    let top_bits = 8 - first.leading_zeros();
+    let bits = significant
+        .len()
+        .checked_sub(1)?
         .checked_mul(8)?
-        .checked_add(8 - first.leading_zeros() as usize)?;
+        .checked_add(usize::try_from(top_bits).ok()?)?;
     u32::try_from(bits).ok()
 }
 
@@ -273,7 +277,7 @@ fn check_signature_algorithm(csr: &X509CertificationRequest<'_>) -> Result<(), C
         // PSS parameters are checked by x509-parser: SHA-256/384/512 only.
         &OID_PKCS1_RSASSAPSS,
     ];
-    if allowed.iter().any(|a| *a == alg) {
+    if allowed.contains(&alg) {
         Ok(())
     } else {
         Err(CsrError::UnsupportedAlgorithm(alg.to_id_string()))

@@ -159,11 +159,12 @@ fn push_pem(out: &mut String, label: &str, b64: &str) {
 pub(super) fn pem_decode(text: &[u8], label: &str) -> Result<Secret, String> {
     let begin = format!("-----BEGIN {label}-----");
     let end = format!("-----END {label}-----");
-    let start = find(text, begin.as_bytes())
-        .ok_or_else(|| format!("no '{begin}' block (expected {label} PEM)"))?
-        + begin.len();
-    let len = find(&text[start..], end.as_bytes()).ok_or_else(|| format!("missing '{end}'"))?;
-    let body = &text[start..start + len];
+    let after_begin = find(text, begin.as_bytes())
+        .and_then(|at| text.get(at.checked_add(begin.len())?..))
+        .ok_or_else(|| format!("no '{begin}' block (expected {label} PEM)"))?;
+    let body = find(after_begin, end.as_bytes())
+        .and_then(|len| after_begin.get(..len))
+        .ok_or_else(|| format!("missing '{end}'"))?;
     let mut b64 = Zeroizing::new(Vec::with_capacity(body.len()));
     b64.extend(body.iter().copied().filter(|b| !b.is_ascii_whitespace()));
     let der = STANDARD

@@ -129,8 +129,8 @@ impl std::fmt::Debug for Credential {
 pub struct EnrollParams {
     /// DER PKCS#10 CSR.
     pub csr: Vec<u8>,
-    /// The credential.
-    pub credential: Credential,
+    /// The credential (`None` when the request carried none: refused and audited).
+    pub credential: Option<Credential>,
     /// Audiences for an optional JWT-SVID.
     pub jwt_audiences: Vec<String>,
 }
@@ -378,22 +378,25 @@ impl Broker {
     /// change nothing else.
     pub async fn enroll(&self, req: EnrollParams, caller: &Caller) -> Result<Enrolled, Error> {
         let claimed_token = match &req.credential {
-            Credential::Token { token_id, .. } if token::is_valid_token_id(token_id) => {
+            Some(Credential::Token { token_id, .. }) if token::is_valid_token_id(token_id) => {
                 Some(token_id.clone())
             }
             _ => None,
         };
         let result = match req.credential {
-            Credential::Token {
+            Some(Credential::Token {
                 ref token_id,
                 ref payload,
                 ref signature,
-            } => {
+            }) => {
                 self.enroll_token(&req.csr, token_id, payload, signature, &req.jwt_audiences, caller)
                     .await
             }
-            Credential::Attestation { .. } => Err(Error::Unimplemented(
+            Some(Credential::Attestation { .. }) => Err(Error::Unimplemented(
                 "attestation-based enrollment is not available yet".into(),
+            )),
+            None => Err(Error::Malformed(
+                "credential is required (token or attestation)".into(),
             )),
         };
         if let Err(e) = &result {

@@ -42,7 +42,7 @@ async fn happy_path_issues_a_spiffe_x509_svid_and_a_verifiable_jwt() {
     let (_, leaf) = parse_x509_certificate(&r.x509_svid_chain[0]).unwrap();
     let (_, ca) = parse_x509_certificate(&r.trust_bundle[0]).unwrap();
     leaf.verify_signature(Some(ca.public_key())).unwrap();
-    assert_eq!(leaf.public_key().raw, key.public_key_der().as_slice());
+    assert_eq!(leaf.public_key().raw, rcgen::PublicKeyData::subject_public_key_info(&key).as_slice());
     let san = leaf.subject_alternative_name().unwrap().unwrap();
     let uris: Vec<_> = san
         .value
@@ -167,7 +167,7 @@ async fn bad_inputs_get_their_reason_and_change_nothing() {
         .windows(own_spki.len())
         .position(|w| w == own_spki.as_slice())
         .unwrap();
-    foreign_sig_csr.splice(pos..pos + own_spki.len(), other_key.public_key_der());
+    foreign_sig_csr.splice(pos..pos + own_spki.len(), rcgen::PublicKeyData::subject_public_key_info(&other_key));
 
     let p = |ts: i64, n: &str, csr: &[u8]| payload(&id, ts, n, csr);
     let cases: Vec<(&str, pb::EnrollRequest, &str)> = vec![
