@@ -7,7 +7,10 @@ use std::{env, path::PathBuf};
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/sigil/v1/identity.proto", "proto/sigil/v1/admin.proto"];
+    let protos = [
+        "proto/sigil/v1/identity.proto",
+        "proto/sigil/v1/admin.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

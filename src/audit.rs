@@ -213,7 +213,8 @@ mod tests {
         let mut prev = GENESIS_HASH.to_owned();
         (1..=n)
             .map(|seq| {
-                let rec = AuditRecord::new(seq as i64, AuditKind::Issued, "ok").field("serial", "ab");
+                let rec =
+                    AuditRecord::new(seq as i64, AuditKind::Issued, "ok").field("serial", "ab");
                 let fj = rec.fields_json();
                 let hash = chain_hash(&prev, seq, rec.time_ms, &rec.kind, &rec.outcome, &fj);
                 let row = AuditRow {

@@ -49,8 +49,8 @@ impl FileConfig {
     /// # Errors
     /// A message naming the file and the offending key.
     pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("config {}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("config {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
     }
 }

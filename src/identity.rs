@@ -193,7 +193,10 @@ mod tests {
     #[test]
     fn trust_domain_forms() {
         assert_eq!(TrustDomain::parse("spiffe://a.b").unwrap().as_str(), "a.b");
-        assert_eq!(TrustDomain::parse("a.b").unwrap().id_string(), "spiffe://a.b");
+        assert_eq!(
+            TrustDomain::parse("a.b").unwrap().id_string(),
+            "spiffe://a.b"
+        );
         assert!(TrustDomain::parse(&"a".repeat(256)).is_err());
     }
 }

@@ -57,7 +57,9 @@ impl fmt::Debug for Secret {
 #[non_exhaustive]
 pub enum SecretFileError {
     /// The file can be read by group or others.
-    #[error("secret file {path} is readable by group or others (mode {mode:o}); run: chmod 600 {path}")]
+    #[error(
+        "secret file {path} is readable by group or others (mode {mode:o}); run: chmod 600 {path}"
+    )]
     TooOpen {
         /// The offending file.
         path: PathBuf,
@@ -99,7 +101,9 @@ pub fn read_secret_file(path: &Path) -> Result<Option<Secret>, SecretFileError> 
             mode,
         });
     }
-    fs::read(path).map(|b| Some(Secret::new(b))).map_err(io_err(path))
+    fs::read(path)
+        .map(|b| Some(Secret::new(b)))
+        .map_err(io_err(path))
 }
 
 /// Creates a secret file with mode `0600`, failing if it already exists
@@ -136,9 +140,14 @@ pub fn load_or_generate(
     let fresh = generate();
     match create_secret_file(path, fresh.expose()) {
         Ok(()) => Ok((fresh, true)),
-        Err(SecretFileError::Io { source, .. }) if source.kind() == io::ErrorKind::AlreadyExists => {
+        Err(SecretFileError::Io { source, .. })
+            if source.kind() == io::ErrorKind::AlreadyExists =>
+        {
             let s = read_secret_file(path)?.ok_or_else(|| {
-                io_err(path)(io::Error::new(io::ErrorKind::NotFound, "vanished after create"))
+                io_err(path)(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "vanished after create",
+                ))
             })?;
             Ok((s, false))
         }

@@ -175,16 +175,28 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     bcfg.window_secs = cfg.window_secs;
     bcfg.x509_ttl_secs = cfg.x509_ttl_secs;
     bcfg.jwt_ttl_secs = cfg.jwt_ttl_secs;
-    let broker = Arc::new(Broker::new(bcfg, store.clone(), ca.clone(), token_key, clock.clone()));
+    let broker = Arc::new(Broker::new(
+        bcfg,
+        store.clone(),
+        ca.clone(),
+        token_key,
+        clock.clone(),
+    ));
 
     // TLS serving identity, signed by our CA; clients pin the CA key.
-    let mut sans = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    let mut sans = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
     if !cfg.listen.ip().is_unspecified() {
         sans.push(cfg.listen.ip().to_string());
     }
     sans.extend(cfg.sans.iter().cloned());
     sans.dedup();
-    let (leaf, key) = ca.serving_cert(&sans, clock.now_ms()).context("serving certificate")?;
+    let (leaf, key) = ca
+        .serving_cert(&sans, clock.now_ms())
+        .context("serving certificate")?;
     let cert_pem = pem("CERTIFICATE", &leaf) + &pem("CERTIFICATE", ca.ca_cert_der());
     let key_pem = zeroize::Zeroizing::new(pem("PRIVATE KEY", key.expose()));
     let tls = ServerTlsConfig::new()
@@ -219,11 +231,17 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         .add_service(health_service)
         .add_service(reflection)
         .add_service(IdentityApi::new(broker.clone()).into_service())
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), wait_stop(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            wait_stop(stop_rx.clone()),
+        );
     let admin = Server::builder()
         .timeout(Duration::from_secs(30))
         .add_service(AdminApi::new(broker.clone()).into_service())
-        .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), wait_stop(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(admin_listener),
+            wait_stop(stop_rx.clone()),
+        );
 
     let purge_store = store.clone();
     let purge_clock = clock.clone();
@@ -258,8 +276,10 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
             tracing::warn!("store did not close within the grace period");
         }
         let _ = fs::remove_file(&socket_path);
-        p.context("public listener panicked")?.context("public listener")?;
-        a.context("admin listener panicked")?.context("admin listener")?;
+        p.context("public listener panicked")?
+            .context("public listener")?;
+        a.context("admin listener panicked")?
+            .context("admin listener")?;
         tracing::info!("stopped");
         Ok(())
     });
@@ -305,8 +325,8 @@ fn bind_admin_socket(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent)?;
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("bind admin socket {}", path.display()))?;
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("bind admin socket {}", path.display()))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }

@@ -155,7 +155,9 @@ impl MintedToken {
 
 /// True when `s` is 32 lowercase hex characters.
 pub fn is_valid_token_id(s: &str) -> bool {
-    s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Splits a token string into its id and secret (client side).
@@ -219,8 +221,8 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Tok
             "larger than {MAX_PAYLOAD_LEN} bytes"
         )));
     }
-    let text = std::str::from_utf8(bytes)
-        .map_err(|_| TokenError::BadPayload("not UTF-8".into()))?;
+    let text =
+        std::str::from_utf8(bytes).map_err(|_| TokenError::BadPayload("not UTF-8".into()))?;
     serde_json::from_str(text).map_err(|e| TokenError::BadPayload(json_problem(&e)))
 }
 
@@ -306,14 +308,23 @@ mod tests {
     fn debug_never_shows_secret() {
         let t = key().mint();
         let hexs = t.secret.to_hex();
-        for s in [format!("{t:?}"), format!("{:?}", t.secret), format!("{:?}", key())] {
+        for s in [
+            format!("{t:?}"),
+            format!("{:?}", t.secret),
+            format!("{:?}", key()),
+        ] {
             assert!(!s.contains(&hexs), "{s}");
         }
     }
 
     #[test]
     fn bad_token_strings() {
-        for s in ["", "abc", "x.y", &format!("{}.{}", "A".repeat(32), "0".repeat(64))] {
+        for s in [
+            "",
+            "abc",
+            "x.y",
+            &format!("{}.{}", "A".repeat(32), "0".repeat(64)),
+        ] {
             assert_eq!(parse_token(s).unwrap_err(), TokenError::BadTokenFormat);
         }
     }
@@ -348,6 +359,9 @@ mod tests {
         assert!(normalize_nonce(&URL_SAFE_NO_PAD.encode([0u8; 65])).is_err());
         assert!(normalize_nonce("!!!").is_err());
         let padded = base64::engine::general_purpose::URL_SAFE.encode([1u8; 16]);
-        assert_eq!(normalize_nonce(&padded).unwrap(), URL_SAFE_NO_PAD.encode([1u8; 16]));
+        assert_eq!(
+            normalize_nonce(&padded).unwrap(),
+            URL_SAFE_NO_PAD.encode([1u8; 16])
+        );
     }
 }

@@ -28,8 +28,7 @@ impl IdentityApi {
 
     /// The tonic service with size caps applied.
     pub fn into_service(self) -> pb::identity_server::IdentityServer<Self> {
-        pb::identity_server::IdentityServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        pb::identity_server::IdentityServer::new(self).max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
 }
 

@@ -90,7 +90,10 @@ mod tests {
             (Error::NonceReplayed, Code::Unauthenticated),
             (Error::TokenAlreadyUsed, Code::PermissionDenied),
             (Error::BootstrapDisabled, Code::FailedPrecondition),
-            (Error::RateLimited { retry_after_ms: 1 }, Code::ResourceExhausted),
+            (
+                Error::RateLimited { retry_after_ms: 1 },
+                Code::ResourceExhausted,
+            ),
         ] {
             assert_eq!(code_for(&e), c, "{e:?}");
         }

@@ -13,7 +13,7 @@ use std::collections::HashSet;
 
 use aws_lc_rs::{
     rand::SystemRandom,
-    signature::{EcdsaKeyPair, KeyPair as _},
+    signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING},
 };
 use base64::{
     engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
@@ -97,6 +97,12 @@ pub(super) struct JwtKey {
 impl JwtKey {
     /// Wraps a P-256 key loaded for `ECDSA_P256_SHA256_FIXED_SIGNING`.
     pub(super) fn new(signer: EcdsaKeyPair) -> Result<Self, CaError> {
+        // JWS wants fixed-length r||s, not the DER signatures X.509 uses.
+        if signer.algorithm() != &ECDSA_P256_SHA256_FIXED_SIGNING {
+            return Err(CaError::Key(
+                "JWT key must be loaded for ES256 (fixed)".into(),
+            ));
+        }
         let point = signer.public_key().as_ref();
         let (x, y) = ec_xy(point).ok_or_else(|| CaError::Key("JWT key is not P-256".into()))?;
         let kid = jwk_thumbprint(&x, &y);

@@ -195,7 +195,9 @@ pub fn tls_config(trust: &Trust) -> anyhow::Result<ClientConfig> {
 /// # Errors
 /// A usage message.
 pub fn parse_broker_url(url: &str) -> anyhow::Result<(String, u16)> {
-    let uri: Uri = url.parse().map_err(|_| anyhow!("--broker must be https://HOST:PORT"))?;
+    let uri: Uri = url
+        .parse()
+        .map_err(|_| anyhow!("--broker must be https://HOST:PORT"))?;
     if uri.scheme_str() != Some("https") {
         bail!("--broker must start with https://");
     }

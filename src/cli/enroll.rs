@@ -57,7 +57,12 @@ pub fn new_key_and_csr() -> anyhow::Result<(zeroize::Zeroizing<Vec<u8>>, Vec<u8>
 }
 
 /// Builds the signed token proof for `csr` (client side of DESIGN.md §2.1).
-pub fn token_proof(token_id: &str, secret: &token::TokenSecret, csr: &[u8], now_ms: i64) -> pb::TokenProof {
+pub fn token_proof(
+    token_id: &str,
+    secret: &token::TokenSecret,
+    csr: &[u8],
+    now_ms: i64,
+) -> pb::TokenProof {
     let payload = EnrollPayload {
         action: token::ACTION_ENROLL.to_owned(),
         token_id: token_id.to_owned(),
@@ -78,7 +83,9 @@ pub async fn run(args: EnrollArgs) -> Result<(), CliError> {
     let (token_id, secret) =
         token::parse_token(&args.token).map_err(|e| CliError::usage(e.to_string()))?;
     let trust = match (&args.ca_pin, &args.bundle) {
-        (Some(pin), _) => client::Trust::from_pin(pin).map_err(|e| CliError::usage(format!("{e:#}")))?,
+        (Some(pin), _) => {
+            client::Trust::from_pin(pin).map_err(|e| CliError::usage(format!("{e:#}")))?
+        }
         (None, Some(b)) => {
             client::Trust::from_bundle_file(b).map_err(|e| CliError::usage(format!("{e:#}")))?
         }
@@ -105,7 +112,9 @@ pub async fn run(args: EnrollArgs) -> Result<(), CliError> {
     println!("spiffe_id: {}", resp.spiffe_id);
     println!("expires:   {} (unix seconds)", resp.expires_at);
     if resp.retried {
-        println!("note: this token was already redeemed for this key; the same certificate was returned");
+        println!(
+            "note: this token was already redeemed for this key; the same certificate was returned"
+        );
     }
     println!("wrote {}", args.out.display());
     Ok(())
@@ -153,8 +162,16 @@ fn write_outputs(out: &Path, resp: &pb::EnrollResponse, key_der: &[u8]) -> anyho
     }
     key_pem.push_str("-----END PRIVATE KEY-----\n");
     write_atomic(&out.join("svid.key"), key_pem.as_bytes(), 0o600)?;
-    write_atomic(&out.join("svid.pem"), pem_all(&resp.x509_svid_chain).as_bytes(), 0o644)?;
-    write_atomic(&out.join("bundle.pem"), pem_all(&resp.trust_bundle).as_bytes(), 0o644)?;
+    write_atomic(
+        &out.join("svid.pem"),
+        pem_all(&resp.x509_svid_chain).as_bytes(),
+        0o644,
+    )?;
+    write_atomic(
+        &out.join("bundle.pem"),
+        pem_all(&resp.trust_bundle).as_bytes(),
+        0o644,
+    )?;
     if !resp.jwt_svid.is_empty() {
         write_atomic(&out.join("jwt"), resp.jwt_svid.as_bytes(), 0o600)?;
     }

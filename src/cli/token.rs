@@ -212,7 +212,10 @@ pub async fn run_audit(cmd: AuditCmd) -> Result<(), CliError> {
                         (r.ok, r.events, r.broken_at, r.problem)
                     }
                     Err(_) => {
-                        eprintln!("(no broker on the admin socket: reading {} directly)", target.data_dir.display());
+                        eprintln!(
+                            "(no broker on the admin socket: reading {} directly)",
+                            target.data_dir.display()
+                        );
                         let v = crate::server::verify_audit_offline(&target.data_dir)
                             .await
                             .map_err(|e| CliError::failure(format!("{e:#}")))?;

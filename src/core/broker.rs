@@ -331,7 +331,9 @@ impl Broker {
     /// `Malformed` for a bad id, `TokenUnknown`, `Unavailable`.
     pub async fn revoke_token(&self, token_id: &str, caller: &Caller) -> Result<bool, Error> {
         if !token::is_valid_token_id(token_id) {
-            return Err(Error::Malformed("token_id must be 32 lowercase hex characters".into()));
+            return Err(Error::Malformed(
+                "token_id must be 32 lowercase hex characters".into(),
+            ));
         }
         let now = self.clock.now_ms();
         let audit = AuditRecord::new(now, AuditKind::TokenRevoked, "ok")
@@ -389,8 +391,15 @@ impl Broker {
                 ref payload,
                 ref signature,
             }) => {
-                self.enroll_token(&req.csr, token_id, payload, signature, &req.jwt_audiences, caller)
-                    .await
+                self.enroll_token(
+                    &req.csr,
+                    token_id,
+                    payload,
+                    signature,
+                    &req.jwt_audiences,
+                    caller,
+                )
+                .await
             }
             Some(Credential::Attestation { .. }) => Err(Error::Unimplemented(
                 "attestation-based enrollment is not available yet".into(),
@@ -420,7 +429,9 @@ impl Broker {
             return Err(Error::Malformed("csr is empty".into()));
         }
         if csr.len() > MAX_CSR_LEN {
-            return Err(Error::Malformed(format!("csr larger than {MAX_CSR_LEN} bytes")));
+            return Err(Error::Malformed(format!(
+                "csr larger than {MAX_CSR_LEN} bytes"
+            )));
         }
         if payload.len() > token::MAX_PAYLOAD_LEN {
             return Err(Error::Malformed(format!(
@@ -430,11 +441,17 @@ impl Broker {
         }
         check_audiences(audiences)?;
         if !token::is_valid_token_id(token_id) {
-            return Err(Error::Malformed("token_id must be 32 lowercase hex characters".into()));
+            return Err(Error::Malformed(
+                "token_id must be 32 lowercase hex characters".into(),
+            ));
         }
 
         // 2. Possession: constant-time HMAC under the re-derived token secret.
-        if !self.token_key.derive_secret(token_id).verify(payload, signature) {
+        if !self
+            .token_key
+            .derive_secret(token_id)
+            .verify(payload, signature)
+        {
             return Err(Error::InvalidSignature);
         }
 
@@ -447,12 +464,20 @@ impl Broker {
             )));
         }
         if p.token_id != token_id {
-            return Err(Error::Malformed("payload token_id does not match the token".into()));
+            return Err(Error::Malformed(
+                "payload token_id does not match the token".into(),
+            ));
         }
-        if !p.csr_sha256.eq_ignore_ascii_case(&hex::encode(Sha256::digest(csr))) {
-            return Err(Error::Malformed("payload csr_sha256 does not match the CSR".into()));
+        if !p
+            .csr_sha256
+            .eq_ignore_ascii_case(&hex::encode(Sha256::digest(csr)))
+        {
+            return Err(Error::Malformed(
+                "payload csr_sha256 does not match the CSR".into(),
+            ));
         }
-        let nonce = token::normalize_nonce(&p.nonce).map_err(|e| Error::Malformed(e.to_string()))?;
+        let nonce =
+            token::normalize_nonce(&p.nonce).map_err(|e| Error::Malformed(e.to_string()))?;
 
         // 4. Freshness.
         let now = self.clock.now_ms();
@@ -661,7 +686,9 @@ impl Broker {
 
 fn check_audiences(audiences: &[String]) -> Result<(), Error> {
     if audiences.len() > MAX_AUDIENCES {
-        return Err(Error::Malformed(format!("more than {MAX_AUDIENCES} jwt_audiences")));
+        return Err(Error::Malformed(format!(
+            "more than {MAX_AUDIENCES} jwt_audiences"
+        )));
     }
     for a in audiences {
         if a.is_empty() || a.len() > MAX_AUDIENCE_LEN {

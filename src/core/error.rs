@@ -17,7 +17,9 @@ pub enum Error {
     #[error("invalid bootstrap signature")]
     InvalidBootstrapSignature,
     /// The payload timestamp is outside the freshness window.
-    #[error("request timestamp outside the {window_seconds} s window (server time {server_time_ms} ms)")]
+    #[error(
+        "request timestamp outside the {window_seconds} s window (server time {server_time_ms} ms)"
+    )]
     RequestExpired {
         /// Server time when checked, Unix ms.
         server_time_ms: i64,

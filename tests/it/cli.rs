@@ -22,14 +22,24 @@ fn sigil(args: &[&str]) -> Output {
 fn wait_for(path: &Path) {
     let t = Instant::now();
     while !path.exists() {
-        assert!(t.elapsed() < Duration::from_secs(20), "{} never appeared", path.display());
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{} never appeared",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 fn serve(data: &Path, log: &Path) -> Child {
     Command::new(BIN)
-        .args(["serve", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .env("SIGIL_LOG", "trace")
         .stderr(std::fs::File::create(log).unwrap())
         .stdout(Stdio::null())
@@ -46,7 +56,10 @@ fn stop(mut child: Child) {
             assert!(status.success(), "serve exited with {status}");
             return;
         }
-        assert!(t.elapsed() < Duration::from_secs(15), "serve did not stop on SIGTERM");
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "serve did not stop on SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -73,7 +86,16 @@ fn readme_quick_start_through_the_binary() {
     let d = data.to_str().unwrap();
 
     // 1. Human output with a ready-to-paste enroll line.
-    let o = sigil(&["token", "create", "--data-dir", d, "--spiffe-id", "spiffe://sigil.local/ci/build", "--ttl", "10m"]);
+    let o = sigil(&[
+        "token",
+        "create",
+        "--data-dir",
+        d,
+        "--spiffe-id",
+        "spiffe://sigil.local/ci/build",
+        "--ttl",
+        "10m",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let out = String::from_utf8(o.stdout).unwrap();
     let line = out
@@ -99,7 +121,11 @@ fn readme_quick_start_through_the_binary() {
     for f in ["svid.pem", "svid.key", "bundle.pem", "jwt"] {
         assert!(out_dir.join(f).exists(), "{f}");
     }
-    let mode = std::fs::metadata(out_dir.join("svid.key")).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(out_dir.join("svid.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
     let svid = std::fs::read_to_string(out_dir.join("svid.pem")).unwrap();
     let bundle = std::fs::read_to_string(out_dir.join("bundle.pem")).unwrap();
@@ -115,31 +141,83 @@ fn readme_quick_start_through_the_binary() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("TOKEN_ALREADY_USED"));
 
     // 4. JSON output for scripts; --bundle instead of --ca-pin.
-    let o = sigil(&["token", "create", "--data-dir", d, "--spiffe-id", "spiffe://sigil.local/vm/a", "--json"]);
+    let o = sigil(&[
+        "token",
+        "create",
+        "--data-dir",
+        d,
+        "--spiffe-id",
+        "spiffe://sigil.local/vm/a",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let token = j["token"].as_str().unwrap().to_owned();
     assert!(j["ca_pin"].as_str().unwrap().starts_with("sha256:"));
     let out2 = dir.path().join("svid2");
-    let o = sigil(&["enroll", "--broker", &broker, "--token", &token, "--bundle", out_dir.join("bundle.pem").to_str().unwrap(), "--out", out2.to_str().unwrap()]);
+    let o = sigil(&[
+        "enroll",
+        "--broker",
+        &broker,
+        "--token",
+        &token,
+        "--bundle",
+        out_dir.join("bundle.pem").to_str().unwrap(),
+        "--out",
+        out2.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
 
     // 5. Exit codes: unreachable (4), bad usage (2), wrong pin (4).
-    let o = sigil(&["enroll", "--broker", "https://127.0.0.1:1", "--token", &token, "--ca-pin", j["ca_pin"].as_str().unwrap(), "--out", out2.to_str().unwrap()]);
+    let o = sigil(&[
+        "enroll",
+        "--broker",
+        "https://127.0.0.1:1",
+        "--token",
+        &token,
+        "--ca-pin",
+        j["ca_pin"].as_str().unwrap(),
+        "--out",
+        out2.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(4), "{}", text(&o));
-    let o = sigil(&["enroll", "--broker", &broker, "--token", "nope", "--ca-pin", j["ca_pin"].as_str().unwrap()]);
+    let o = sigil(&[
+        "enroll",
+        "--broker",
+        &broker,
+        "--token",
+        "nope",
+        "--ca-pin",
+        j["ca_pin"].as_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let o = sigil(&["enroll", "--broker", &broker, "--token", &token]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let bad_pin = format!("sha256:{}", "00".repeat(32));
-    let o = sigil(&["enroll", "--broker", &broker, "--token", &token, "--ca-pin", &bad_pin, "--out", out2.to_str().unwrap()]);
+    let o = sigil(&[
+        "enroll",
+        "--broker",
+        &broker,
+        "--token",
+        &token,
+        "--ca-pin",
+        &bad_pin,
+        "--out",
+        out2.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(4), "{}", text(&o));
 
     // 6. List, revoke, audit.
     let o = sigil(&["token", "list", "--data-dir", d, "--json"]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 2);
-    let o = sigil(&["token", "revoke", "--data-dir", d, j["token_id"].as_str().unwrap()]);
+    let o = sigil(&[
+        "token",
+        "revoke",
+        "--data-dir",
+        d,
+        j["token_id"].as_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let o = sigil(&["audit", "verify", "--data-dir", d]);
     assert!(o.status.success(), "{}", text(&o));
@@ -164,18 +242,33 @@ fn readme_quick_start_through_the_binary() {
     secrets.push(base64::engine::general_purpose::STANDARD.encode(&token_key));
     for f in ["ca.key", "jwt.key"] {
         let pem = std::fs::read_to_string(data.join(f)).unwrap();
-        secrets.extend(pem.lines().filter(|l| !l.starts_with("-----")).map(String::from));
+        secrets.extend(
+            pem.lines()
+                .filter(|l| !l.starts_with("-----"))
+                .map(String::from),
+        );
     }
     let key = std::fs::read_to_string(out_dir.join("svid.key")).unwrap();
-    secrets.extend(key.lines().filter(|l| !l.starts_with("-----")).map(String::from));
+    secrets.extend(
+        key.lines()
+            .filter(|l| !l.starts_with("-----"))
+            .map(String::from),
+    );
     secrets.push(std::fs::read_to_string(out_dir.join("jwt")).unwrap());
     for s in &secrets {
         assert!(s.len() >= 16);
-        assert!(!log.contains(s.as_str()), "secret material found in the log");
+        assert!(
+            !log.contains(s.as_str()),
+            "secret material found in the log"
+        );
     }
     // Secret files are 0600.
     for f in ["token_key", "ca.key", "jwt.key"] {
-        let mode = std::fs::metadata(data.join(f)).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(data.join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600, "{f}");
     }
 }
@@ -188,8 +281,22 @@ fn serve_refuses_a_world_readable_key_file() {
     let child = serve(&data, &log);
     wait_for(&data.join("admin.sock"));
     stop(child);
-    std::fs::set_permissions(data.join("token_key"), std::fs::Permissions::from_mode(0o644)).unwrap();
-    let o = sigil(&["serve", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    std::fs::set_permissions(
+        data.join("token_key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let o = sigil(&[
+        "serve",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("chmod 600"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("chmod 600"),
+        "{}",
+        text(&o)
+    );
 }

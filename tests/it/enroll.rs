@@ -29,7 +29,13 @@ async fn happy_path_issues_a_spiffe_x509_svid_and_a_verifiable_jwt() {
     let (key, csr) = key_and_csr();
     let mut c = b.identity().await;
     let r = c
-        .enroll(enroll_req(&id, &secret, &csr, b.now_ms(), &["https://api.example"]))
+        .enroll(enroll_req(
+            &id,
+            &secret,
+            &csr,
+            b.now_ms(),
+            &["https://api.example"],
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -42,7 +48,10 @@ async fn happy_path_issues_a_spiffe_x509_svid_and_a_verifiable_jwt() {
     let (_, leaf) = parse_x509_certificate(&r.x509_svid_chain[0]).unwrap();
     let (_, ca) = parse_x509_certificate(&r.trust_bundle[0]).unwrap();
     leaf.verify_signature(Some(ca.public_key())).unwrap();
-    assert_eq!(leaf.public_key().raw, rcgen::PublicKeyData::subject_public_key_info(&key).as_slice());
+    assert_eq!(
+        leaf.public_key().raw,
+        rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+    );
     let san = leaf.subject_alternative_name().unwrap().unwrap();
     let uris: Vec<_> = san
         .value
@@ -63,7 +72,11 @@ async fn happy_path_issues_a_spiffe_x509_svid_and_a_verifiable_jwt() {
     let eku = leaf.extended_key_usage().unwrap().unwrap();
     assert!(eku.value.server_auth && eku.value.client_auth);
     let serial = leaf.raw_serial();
-    assert!(serial.len() >= 16, "128-bit serial, got {} bytes", serial.len());
+    assert!(
+        serial.len() >= 16,
+        "128-bit serial, got {} bytes",
+        serial.len()
+    );
     let nb = leaf.validity().not_before.timestamp();
     let na = leaf.validity().not_after.timestamp();
     let now = b.now_ms() / 1000;
@@ -115,7 +128,9 @@ async fn happy_path_issues_a_spiffe_x509_svid_and_a_verifiable_jwt() {
         .unwrap()
         .to_owned();
     assert_eq!(
-        base64::engine::general_purpose::STANDARD.decode(x5c).unwrap(),
+        base64::engine::general_purpose::STANDARD
+            .decode(x5c)
+            .unwrap(),
         r.trust_bundle[0]
     );
 }
@@ -127,9 +142,9 @@ async fn csr_requests_never_reach_the_certificate() {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut params = rcgen::CertificateParams::new(vec!["evil.example".to_string()]).unwrap();
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .subject_alt_names
-        .push(rcgen::SanType::URI("spiffe://sigil.local/admin".try_into().unwrap()));
+    params.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://sigil.local/admin".try_into().unwrap(),
+    ));
     let csr = params.serialize_request(&key).unwrap().der().to_vec();
     let r = b
         .identity()
@@ -167,24 +182,139 @@ async fn bad_inputs_get_their_reason_and_change_nothing() {
         .windows(own_spki.len())
         .position(|w| w == own_spki.as_slice())
         .unwrap();
-    foreign_sig_csr.splice(pos..pos + own_spki.len(), rcgen::PublicKeyData::subject_public_key_info(&other_key));
+    foreign_sig_csr.splice(
+        pos..pos + own_spki.len(),
+        rcgen::PublicKeyData::subject_public_key_info(&other_key),
+    );
 
     let p = |ts: i64, n: &str, csr: &[u8]| payload(&id, ts, n, csr);
     let cases: Vec<(&str, pb::EnrollRequest, &str)> = vec![
-        ("garbage csr", signed_raw(&id, &secret, b"garbage", p(now, &nonce(), b"garbage").to_bytes()), "MALFORMED_REQUEST"),
-        ("truncated csr", signed_raw(&id, &secret, &csr[..csr.len() / 2], p(now, &nonce(), &csr[..csr.len() / 2]).to_bytes()), "MALFORMED_REQUEST"),
-        ("csr signed by another key", signed_raw(&id, &secret, &foreign_sig_csr, p(now, &nonce(), &foreign_sig_csr).to_bytes()), "MALFORMED_REQUEST"),
-        ("payload not json", signed_raw(&id, &secret, &csr, b"hello".to_vec()), "MALFORMED_REQUEST"),
-        ("missing fields", signed_raw(&id, &secret, &csr, br#"{"action":"ENROLL","token_id":"x"}"#.to_vec()), "MALFORMED_REQUEST"),
-        ("wrong action", signed_raw(&id, &secret, &csr, { let mut q = p(now, &nonce(), &csr); q.action = "BOOTSTRAP_CREATE_FOUNDATION_PLAN".into(); q.to_bytes() }), "MALFORMED_REQUEST"),
-        ("token_id mismatch", signed_raw(&id, &secret, &csr, { let mut q = p(now, &nonce(), &csr); q.token_id = "0".repeat(32); q.to_bytes() }), "MALFORMED_REQUEST"),
-        ("csr hash mismatch", signed_raw(&id, &secret, &csr, p(now, &nonce(), b"other").to_bytes()), "MALFORMED_REQUEST"),
-        ("short nonce", signed_raw(&id, &secret, &csr, p(now, "AAAAAAAAAAAAAAAAAAAA", &csr).to_bytes()), "MALFORMED_REQUEST"),
-        ("301 s old", signed_raw(&id, &secret, &csr, p(now - 301_000, &nonce(), &csr).to_bytes()), "REQUEST_EXPIRED"),
-        ("301 s ahead", signed_raw(&id, &secret, &csr, p(now + 301_000, &nonce(), &csr).to_bytes()), "REQUEST_EXPIRED"),
-        ("bad hmac", { let mut r = enroll_req(&id, &secret, &csr, now, &[]); if let Some(pb::enroll_request::Credential::Token(t)) = r.credential.as_mut() { t.signature[0] ^= 1; } r }, "INVALID_SIGNATURE"),
-        ("oversize csr", { let big = vec![0x30u8; 40_000]; signed_raw(&id, &secret, &big, p(now, &nonce(), &big).to_bytes()) }, "MALFORMED_REQUEST"),
-        ("no credential", pb::EnrollRequest { csr: csr.clone(), credential: None, jwt_audiences: vec![] }, "MALFORMED_REQUEST"),
+        (
+            "garbage csr",
+            signed_raw(
+                &id,
+                &secret,
+                b"garbage",
+                p(now, &nonce(), b"garbage").to_bytes(),
+            ),
+            "MALFORMED_REQUEST",
+        ),
+        (
+            "truncated csr",
+            signed_raw(
+                &id,
+                &secret,
+                &csr[..csr.len() / 2],
+                p(now, &nonce(), &csr[..csr.len() / 2]).to_bytes(),
+            ),
+            "MALFORMED_REQUEST",
+        ),
+        (
+            "csr signed by another key",
+            signed_raw(
+                &id,
+                &secret,
+                &foreign_sig_csr,
+                p(now, &nonce(), &foreign_sig_csr).to_bytes(),
+            ),
+            "MALFORMED_REQUEST",
+        ),
+        (
+            "payload not json",
+            signed_raw(&id, &secret, &csr, b"hello".to_vec()),
+            "MALFORMED_REQUEST",
+        ),
+        (
+            "missing fields",
+            signed_raw(
+                &id,
+                &secret,
+                &csr,
+                br#"{"action":"ENROLL","token_id":"x"}"#.to_vec(),
+            ),
+            "MALFORMED_REQUEST",
+        ),
+        (
+            "wrong action",
+            signed_raw(&id, &secret, &csr, {
+                let mut q = p(now, &nonce(), &csr);
+                q.action = "BOOTSTRAP_CREATE_FOUNDATION_PLAN".into();
+                q.to_bytes()
+            }),
+            "MALFORMED_REQUEST",
+        ),
+        (
+            "token_id mismatch",
+            signed_raw(&id, &secret, &csr, {
+                let mut q = p(now, &nonce(), &csr);
+                q.token_id = "0".repeat(32);
+                q.to_bytes()
+            }),
+            "MALFORMED_REQUEST",
+        ),
+        (
+            "csr hash mismatch",
+            signed_raw(&id, &secret, &csr, p(now, &nonce(), b"other").to_bytes()),
+            "MALFORMED_REQUEST",
+        ),
+        (
+            "short nonce",
+            signed_raw(
+                &id,
+                &secret,
+                &csr,
+                p(now, "AAAAAAAAAAAAAAAAAAAA", &csr).to_bytes(),
+            ),
+            "MALFORMED_REQUEST",
+        ),
+        (
+            "301 s old",
+            signed_raw(
+                &id,
+                &secret,
+                &csr,
+                p(now - 301_000, &nonce(), &csr).to_bytes(),
+            ),
+            "REQUEST_EXPIRED",
+        ),
+        (
+            "301 s ahead",
+            signed_raw(
+                &id,
+                &secret,
+                &csr,
+                p(now + 301_000, &nonce(), &csr).to_bytes(),
+            ),
+            "REQUEST_EXPIRED",
+        ),
+        (
+            "bad hmac",
+            {
+                let mut r = enroll_req(&id, &secret, &csr, now, &[]);
+                if let Some(pb::enroll_request::Credential::Token(t)) = r.credential.as_mut() {
+                    t.signature[0] ^= 1;
+                }
+                r
+            },
+            "INVALID_SIGNATURE",
+        ),
+        (
+            "oversize csr",
+            {
+                let big = vec![0x30u8; 40_000];
+                signed_raw(&id, &secret, &big, p(now, &nonce(), &big).to_bytes())
+            },
+            "MALFORMED_REQUEST",
+        ),
+        (
+            "no credential",
+            pb::EnrollRequest {
+                csr: csr.clone(),
+                credential: None,
+                jwt_audiences: vec![],
+            },
+            "MALFORMED_REQUEST",
+        ),
     ];
     for (name, req, want) in cases {
         let before = b.counts().await;
@@ -198,7 +328,12 @@ async fn bad_inputs_get_their_reason_and_change_nothing() {
 
     // Expiry errors carry the server time and window for skew diagnosis.
     let err = c
-        .enroll(signed_raw(&id, &secret, &csr, p(now - 301_000, &nonce(), &csr).to_bytes()))
+        .enroll(signed_raw(
+            &id,
+            &secret,
+            &csr,
+            p(now - 301_000, &nonce(), &csr).to_bytes(),
+        ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
@@ -208,7 +343,12 @@ async fn bad_inputs_get_their_reason_and_change_nothing() {
 
     // Exactly at the edge of the window is accepted; the token still works.
     let r = c
-        .enroll(signed_raw(&id, &secret, &csr, p(now - 300_000, &nonce(), &csr).to_bytes()))
+        .enroll(signed_raw(
+            &id,
+            &secret,
+            &csr,
+            p(now - 300_000, &nonce(), &csr).to_bytes(),
+        ))
         .await
         .unwrap();
     assert_eq!(r.into_inner().spiffe_id, ID);
@@ -224,7 +364,13 @@ async fn oversize_message_is_refused_and_server_keeps_serving() {
         .enroll(signed_raw(&id, &secret, &big, b"{}".to_vec()))
         .await
         .unwrap_err();
-    assert!(matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted | Code::Internal | Code::InvalidArgument), "{err:?}");
+    assert!(
+        matches!(
+            err.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::Internal | Code::InvalidArgument
+        ),
+        "{err:?}"
+    );
     let (_, csr) = key_and_csr();
     c.enroll(enroll_req(&id, &secret, &csr, b.now_ms(), &[]))
         .await
@@ -243,7 +389,13 @@ async fn token_states_unknown_expired_revoked_used() {
         .unwrap();
     let minted = sigil::token::TokenKey::new(key).mint();
     let err = c
-        .enroll(enroll_req(&minted.token_id, &minted.secret, &csr, b.now_ms(), &[]))
+        .enroll(enroll_req(
+            &minted.token_id,
+            &minted.secret,
+            &csr,
+            b.now_ms(),
+            &[],
+        ))
         .await
         .unwrap_err();
     assert_eq!(reason(&err), "TOKEN_UNKNOWN");
@@ -263,7 +415,9 @@ async fn token_states_unknown_expired_revoked_used() {
     let r = b
         .admin()
         .await
-        .revoke_enrollment_token(pb::RevokeEnrollmentTokenRequest { token_id: id.clone() })
+        .revoke_enrollment_token(pb::RevokeEnrollmentTokenRequest {
+            token_id: id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -287,11 +441,17 @@ async fn token_states_unknown_expired_revoked_used() {
         .unwrap_err();
     assert_eq!(reason(&err), "TOKEN_ALREADY_USED");
     let after = b.counts().await;
-    assert_eq!((after.issued, after.audit), (before.issued, before.audit + 1));
+    assert_eq!(
+        (after.issued, after.audit),
+        (before.issued, before.audit + 1)
+    );
     let audit = b
         .admin()
         .await
-        .list_audit_events(pb::ListAuditEventsRequest { after_seq: before.audit, limit: 10 })
+        .list_audit_events(pb::ListAuditEventsRequest {
+            after_seq: before.audit,
+            limit: 10,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -331,7 +491,10 @@ async fn retry_with_same_key_returns_the_same_certificate() {
         .unwrap()
         .into_inner();
     assert!(again.retried);
-    assert_eq!(again.x509_svid_chain, first.x509_svid_chain, "same serial, same certificate");
+    assert_eq!(
+        again.x509_svid_chain, first.x509_svid_chain,
+        "same serial, same certificate"
+    );
     assert!(again.jwt_svid.is_empty(), "no JWT on a retry");
     // A different key is refused.
     let (_, csr2) = key_and_csr();
@@ -376,7 +539,11 @@ async fn consumed_token_stays_consumed_across_restart() {
     assert_eq!(b.running().ca_pin, pin, "same CA after restart");
     let mut c = b.identity().await;
     let err = c.enroll(req).await.unwrap_err();
-    assert_eq!(reason(&err), "NONCE_REPLAYED", "nonce remembered across restart");
+    assert_eq!(
+        reason(&err),
+        "NONCE_REPLAYED",
+        "nonce remembered across restart"
+    );
     let (_, csr2) = key_and_csr();
     let err = c
         .enroll(enroll_req(&id, &secret, &csr2, b.now_ms(), &[]))
@@ -435,7 +602,9 @@ async fn admin_rejects_bad_token_requests() {
         assert_eq!(reason(&err), "MALFORMED_REQUEST", "{sid} {ttl} {uses}");
     }
     let err = a
-        .revoke_enrollment_token(pb::RevokeEnrollmentTokenRequest { token_id: "f".repeat(32) })
+        .revoke_enrollment_token(pb::RevokeEnrollmentTokenRequest {
+            token_id: "f".repeat(32),
+        })
         .await
         .unwrap_err();
     assert_eq!(reason(&err), "TOKEN_UNKNOWN");
@@ -463,7 +632,10 @@ async fn audit_chain_verifies_and_detects_tampering() {
     let rows = b
         .admin()
         .await
-        .list_audit_events(pb::ListAuditEventsRequest { after_seq: 0, limit: 100 })
+        .list_audit_events(pb::ListAuditEventsRequest {
+            after_seq: 0,
+            limit: 100,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -475,17 +647,26 @@ async fn audit_chain_verifies_and_detects_tampering() {
     // Edit a row.
     let db = b.data_dir().join("sigil.db");
     let conn = rusqlite::Connection::open(&db).unwrap();
-    conn.execute("UPDATE audit SET outcome = 'ok' WHERE seq = 3", []).unwrap();
+    conn.execute("UPDATE audit SET outcome = 'ok' WHERE seq = 3", [])
+        .unwrap();
     drop(conn);
-    let v = sigil::server::verify_audit_offline(&b.data_dir()).await.unwrap();
+    let v = sigil::server::verify_audit_offline(&b.data_dir())
+        .await
+        .unwrap();
     assert_eq!(v.broken.as_ref().map(|x| x.0), Some(3), "{v:?}");
 
     // Delete a row (restore the edit first so only the deletion is seen).
     let conn = rusqlite::Connection::open(&db).unwrap();
-    conn.execute("UPDATE audit SET outcome = 'NONCE_REPLAYED' WHERE seq = 3", []).unwrap();
+    conn.execute(
+        "UPDATE audit SET outcome = 'NONCE_REPLAYED' WHERE seq = 3",
+        [],
+    )
+    .unwrap();
     conn.execute("DELETE FROM audit WHERE seq = 2", []).unwrap();
     drop(conn);
-    let v = sigil::server::verify_audit_offline(&b.data_dir()).await.unwrap();
+    let v = sigil::server::verify_audit_offline(&b.data_dir())
+        .await
+        .unwrap();
     assert_eq!(v.broken.as_ref().map(|x| x.0), Some(2), "{v:?}");
 }
 

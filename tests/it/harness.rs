@@ -78,7 +78,12 @@ impl TestBroker {
     }
 
     /// Creates a token; returns (token string, id, secret).
-    pub async fn token(&self, spiffe_id: &str, uses: u32, ttl: u32) -> (String, String, TokenSecret) {
+    pub async fn token(
+        &self,
+        spiffe_id: &str,
+        uses: u32,
+        ttl: u32,
+    ) -> (String, String, TokenSecret) {
         let r = self
             .admin()
             .await
@@ -123,18 +128,29 @@ pub fn csr_for(key: &rcgen::KeyPair) -> Vec<u8> {
 }
 
 /// An enroll request with a correctly signed payload.
-pub fn enroll_req(id: &str, secret: &TokenSecret, csr: &[u8], now_ms: i64, aud: &[&str]) -> pb::EnrollRequest {
+pub fn enroll_req(
+    id: &str,
+    secret: &TokenSecret,
+    csr: &[u8],
+    now_ms: i64,
+    aud: &[&str],
+) -> pb::EnrollRequest {
     pb::EnrollRequest {
         csr: csr.to_vec(),
-        credential: Some(pb::enroll_request::Credential::Token(sigil::cli::token_proof(
-            id, secret, csr, now_ms,
-        ))),
+        credential: Some(pb::enroll_request::Credential::Token(
+            sigil::cli::token_proof(id, secret, csr, now_ms),
+        )),
         jwt_audiences: aud.iter().map(|s| s.to_string()).collect(),
     }
 }
 
 /// An enroll request with an arbitrary payload, correctly HMAC-signed.
-pub fn signed_raw(id: &str, secret: &TokenSecret, csr: &[u8], payload: Vec<u8>) -> pb::EnrollRequest {
+pub fn signed_raw(
+    id: &str,
+    secret: &TokenSecret,
+    csr: &[u8],
+    payload: Vec<u8>,
+) -> pb::EnrollRequest {
     pb::EnrollRequest {
         csr: csr.to_vec(),
         credential: Some(pb::enroll_request::Credential::Token(pb::TokenProof {
