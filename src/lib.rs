@@ -29,6 +29,7 @@ pub mod clock;
 pub mod config;
 pub mod core;
 pub mod identity;
+pub mod policy;
 pub mod secret;
 pub mod server;
 pub mod store;

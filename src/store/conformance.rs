@@ -18,8 +18,9 @@ use std::task::Poll;
 use sha2::{Digest, Sha256};
 
 use super::{
-    IssuedCert, RedeemOutcome, Redemption, RevokeOutcome, Store, StoreCounts, StoreError,
-    TokenRecord,
+    ApproveOutcome, BootstrapInstall, BootstrapOutcome, IssuedCert, PlanApproval, PlanProposal,
+    PlanState, ProposeOutcome, RedeemOutcome, Redemption, RevokeOutcome, Store, StoreCounts,
+    StoreError, TokenRecord,
 };
 use crate::audit::{self, AuditKind, AuditRecord, AuditRow};
 
@@ -42,6 +43,7 @@ pub async fn run_all(store: &dyn Store) {
     revoke_outcomes(store).await;
     purge_expired_nonces(store).await;
     concurrent_audit_appends_chain(store).await;
+    plan_lifecycle(store).await;
 }
 
 // === Fixtures ===
@@ -336,6 +338,7 @@ pub async fn redeem_happy_path(store: &dyn Store) {
             issued: before.issued + 1,
             nonces: before.nonces + 1,
             audit: before.audit + 1,
+            plans: before.plans,
         }
     );
     let rows = all_audit(store).await;
@@ -664,6 +667,7 @@ pub async fn concurrent_redeems_have_one_winner(store: &dyn Store) {
             issued: before.issued + 1,
             nonces: before.nonces + 1,
             audit: before.audit + 1,
+            plans: before.plans,
         }
     );
     let w = winners[0];
@@ -861,4 +865,133 @@ pub async fn concurrent_audit_appends_chain(store: &dyn Store) {
     assert!(store.list_audit(head + N, 10).await.unwrap().is_empty());
     assert!(store.list_audit(u64::MAX, 10).await.unwrap().is_empty());
     assert_eq!(all_audit(store).await.len() as u64, head + N);
+}
+
+// === Plans ===
+
+fn install(label: &str, nonce: &str) -> BootstrapInstall {
+    let mut admin_token = token(label, 1, HOUR);
+    admin_token.spiffe_id = "spiffe://example.org/admin/a".into();
+    BootstrapInstall {
+        nonce: format!("bootstrap:{nonce}"),
+        nonce_expires_at_ms: NOW + 10 * MINUTE,
+        now_ms: NOW,
+        sha256: hex::encode(Sha256::digest(label)),
+        canonical_json: format!("{{\"plan\":\"{label}\"}}"),
+        admin_token,
+        audit: AuditRecord::new(NOW, AuditKind::Denied, "ok").field("plan", label.to_owned()),
+    }
+}
+
+fn proposal(label: &str, proposer: &str, required: u32, based_on: Option<u64>, now: i64) -> PlanProposal {
+    PlanProposal {
+        sha256: hex::encode(Sha256::digest(label)),
+        canonical_json: format!("{{\"plan\":\"{label}\"}}"),
+        proposer: proposer.into(),
+        now_ms: now,
+        expires_at_ms: now + HOUR,
+        required_approvals: required,
+        based_on,
+        audit: AuditRecord::new(now, AuditKind::Denied, "proposed"),
+        activation_audit: AuditRecord::new(now, AuditKind::Denied, "activated"),
+    }
+}
+
+fn approval(version: u64, label: &str, approver: &str, now: i64) -> PlanApproval {
+    PlanApproval {
+        version,
+        sha256: hex::encode(Sha256::digest(label)),
+        approver: approver.into(),
+        now_ms: now,
+        audit: AuditRecord::new(now, AuditKind::Denied, "approved"),
+        activation_audit: AuditRecord::new(now, AuditKind::Denied, "activated"),
+    }
+}
+
+/// Bootstrap exactly once under concurrency, then proposal/approval rules.
+/// Needs a store on which no plan was ever activated.
+pub async fn plan_lifecycle(store: &dyn Store) {
+    assert!(store.fetch_active_plan().await.unwrap().is_none());
+    // 32 concurrent bootstraps with distinct nonces: exactly one wins.
+    let outcomes = join_all(
+        (0..32)
+            .map(|i| store.bootstrap_plan(install(&format!("foundation-{i}"), &format!("n{i}"))))
+            .collect(),
+    )
+    .await;
+    let won: Vec<_> = outcomes
+        .iter()
+        .filter(|o| matches!(o, Ok(BootstrapOutcome::Installed { .. })))
+        .collect();
+    assert_eq!(won.len(), 1, "{outcomes:?}");
+    assert!(outcomes
+        .iter()
+        .all(|o| matches!(o, Ok(BootstrapOutcome::Installed { .. } | BootstrapOutcome::Disabled))));
+    let active = store.fetch_active_plan().await.unwrap().unwrap();
+    assert_eq!(active.state, PlanState::Active);
+    let v1 = active.version;
+    assert_eq!(store.counts().await.unwrap().plans, 1, "losers stored nothing");
+    // Replayed nonce is reported as such, fresh nonce as disabled.
+    assert_eq!(
+        store.bootstrap_plan(install("again", "n0")).await.unwrap(),
+        BootstrapOutcome::NonceReplayed
+    );
+    assert_eq!(
+        store.bootstrap_plan(install("again", "fresh")).await.unwrap(),
+        BootstrapOutcome::Disabled
+    );
+
+    // A proposal checked against a plan that is no longer active is stale.
+    assert_eq!(
+        store.propose_plan(proposal("p2", "alice", 2, None, NOW)).await.unwrap(),
+        ProposeOutcome::Stale
+    );
+    let ProposeOutcome::Pending { version: v2, approvals: 1 } =
+        store.propose_plan(proposal("p2", "alice", 2, Some(v1), NOW)).await.unwrap()
+    else {
+        panic!("expected pending");
+    };
+    let a = |v, l: &str, who: &str| store.approve_plan(approval(v, l, who, NOW + 1));
+    assert_eq!(a(v2, "p2", "alice").await.unwrap(), ApproveOutcome::AlreadyApproved);
+    assert_eq!(a(v2, "other", "bob").await.unwrap(), ApproveOutcome::HashMismatch);
+    assert_eq!(a(999, "p2", "bob").await.unwrap(), ApproveOutcome::NotFound);
+    assert_eq!(store.fetch_active_plan().await.unwrap().unwrap().version, v1, "one admin alone cannot activate");
+    assert_eq!(a(v2, "p2", "bob").await.unwrap(), ApproveOutcome::Activated);
+    let active = store.fetch_active_plan().await.unwrap().unwrap();
+    assert_eq!(active.version, v2);
+    assert_eq!(active.approvals, vec!["alice".to_owned(), "bob".to_owned()]);
+    assert_eq!(store.fetch_plan(v1).await.unwrap().unwrap().state, PlanState::Superseded);
+    assert_eq!(a(v2, "p2", "carol").await.unwrap(), ApproveOutcome::NotPending);
+
+    // Two competing proposals: activating one makes the other stale.
+    let ProposeOutcome::Pending { version: v3, .. } =
+        store.propose_plan(proposal("p3", "alice", 2, Some(v2), NOW)).await.unwrap()
+    else {
+        panic!("expected pending");
+    };
+    let ProposeOutcome::Pending { version: v4, .. } =
+        store.propose_plan(proposal("p4", "bob", 2, Some(v2), NOW)).await.unwrap()
+    else {
+        panic!("expected pending");
+    };
+    assert_eq!(a(v3, "p3", "bob").await.unwrap(), ApproveOutcome::Activated);
+    assert_eq!(store.fetch_plan(v4).await.unwrap().unwrap().state, PlanState::Stale);
+    assert_eq!(a(v4, "p4", "alice").await.unwrap(), ApproveOutcome::NotPending);
+
+    // Expired proposals cannot be approved.
+    let ProposeOutcome::Pending { version: v5, .. } =
+        store.propose_plan(proposal("p5", "alice", 2, Some(v3), NOW)).await.unwrap()
+    else {
+        panic!("expected pending");
+    };
+    assert_eq!(
+        store.approve_plan(approval(v5, "p5", "bob", NOW + HOUR)).await.unwrap(),
+        ApproveOutcome::Expired
+    );
+    // One required approval: the proposal activates at once.
+    assert!(matches!(
+        store.propose_plan(proposal("p6", "alice", 1, Some(v3), NOW)).await.unwrap(),
+        ProposeOutcome::Activated { .. }
+    ));
+    all_audit(store).await;
 }

@@ -116,6 +116,185 @@ pub enum RevokeOutcome {
     Unknown,
 }
 
+/// Lifecycle state of a stored plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanState {
+    /// Proposed, collecting approvals.
+    Pending,
+    /// The one active plan.
+    Active,
+    /// Was active, replaced by a newer plan.
+    Superseded,
+    /// A proposal overtaken by another plan's activation, or expired.
+    Stale,
+}
+
+impl PlanState {
+    /// Stable lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Active => "active",
+            Self::Superseded => "superseded",
+            Self::Stale => "stale",
+        }
+    }
+
+    /// Parses [`PlanState::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => Self::Pending,
+            "active" => Self::Active,
+            "superseded" => Self::Superseded,
+            "stale" => Self::Stale,
+            _ => return None,
+        })
+    }
+}
+
+/// A stored plan. The store treats the document as opaque text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanRecord {
+    /// 1, 2, 3, … in proposal order.
+    pub version: u64,
+    /// Hex SHA-256 of `canonical_json`.
+    pub sha256: String,
+    /// The canonical plan document.
+    pub canonical_json: String,
+    /// State.
+    pub state: PlanState,
+    /// Who proposed it (SPIFFE ID, `local-admin-socket` or `bootstrap`).
+    pub proposer: String,
+    /// Unix ms.
+    pub created_at_ms: i64,
+    /// A pending proposal cannot be approved at or after this instant.
+    pub expires_at_ms: i64,
+    /// When it became active.
+    pub activated_at_ms: Option<i64>,
+    /// Distinct approvals needed (fixed at proposal time from the then-active plan).
+    pub required_approvals: u32,
+    /// Approvers so far (the proposer first).
+    pub approvals: Vec<String>,
+}
+
+/// The foundation plan install, applied atomically by [`Store::bootstrap_plan`].
+#[derive(Debug, Clone)]
+pub struct BootstrapInstall {
+    /// Scoped nonce of the bootstrap request.
+    pub nonce: String,
+    /// When the nonce may be forgotten.
+    pub nonce_expires_at_ms: i64,
+    /// Now, Unix ms.
+    pub now_ms: i64,
+    /// Hex SHA-256 of the canonical plan.
+    pub sha256: String,
+    /// Canonical plan document.
+    pub canonical_json: String,
+    /// The one-time token for the first admin, created in the same transaction.
+    pub admin_token: TokenRecord,
+    /// Audit row appended on success.
+    pub audit: AuditRecord,
+}
+
+/// Result of [`Store::bootstrap_plan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootstrapOutcome {
+    /// Plan installed as `version` and active; bootstrap is now off for good.
+    Installed {
+        /// The plan's version (1).
+        version: u64,
+    },
+    /// The nonce was seen before.
+    NonceReplayed,
+    /// A plan has already been activated.
+    Disabled,
+}
+
+/// A new proposal, applied by [`Store::propose_plan`].
+#[derive(Debug, Clone)]
+pub struct PlanProposal {
+    /// Hex SHA-256 of the canonical plan.
+    pub sha256: String,
+    /// Canonical plan document.
+    pub canonical_json: String,
+    /// Proposer identity; counts as the first approval.
+    pub proposer: String,
+    /// Now, Unix ms.
+    pub now_ms: i64,
+    /// Proposal expiry, Unix ms.
+    pub expires_at_ms: i64,
+    /// Approvals needed (from the active plan).
+    pub required_approvals: u32,
+    /// Version of the active plan the proposal was checked against
+    /// (`None` when none is active): if another plan is active by the time
+    /// the store applies it, the proposal is refused as stale.
+    pub based_on: Option<u64>,
+    /// Audit row for the proposal.
+    pub audit: AuditRecord,
+    /// Audit row appended if the proposal activates at once.
+    pub activation_audit: AuditRecord,
+}
+
+/// Result of [`Store::propose_plan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProposeOutcome {
+    /// Stored as pending with `approvals` so far.
+    Pending {
+        /// Version assigned.
+        version: u64,
+        /// Approvals so far (1: the proposer).
+        approvals: u32,
+    },
+    /// Enough approvals already (the proposer's): active now.
+    Activated {
+        /// Version assigned.
+        version: u64,
+    },
+    /// The active plan changed since the caller checked.
+    Stale,
+}
+
+/// An approval, applied by [`Store::approve_plan`].
+#[derive(Debug, Clone)]
+pub struct PlanApproval {
+    /// Plan version approved.
+    pub version: u64,
+    /// Hash the approver saw: must equal the stored hash.
+    pub sha256: String,
+    /// Approver identity.
+    pub approver: String,
+    /// Now, Unix ms.
+    pub now_ms: i64,
+    /// Audit row for the approval.
+    pub audit: AuditRecord,
+    /// Audit row appended if this approval activates the plan.
+    pub activation_audit: AuditRecord,
+}
+
+/// Result of [`Store::approve_plan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApproveOutcome {
+    /// Recorded; more approvals needed.
+    Pending {
+        /// Approvals so far.
+        approvals: u32,
+        /// Approvals needed.
+        required: u32,
+    },
+    /// This approval activated the plan.
+    Activated,
+    /// This approver already approved; nothing changed.
+    AlreadyApproved,
+    /// No such version.
+    NotFound,
+    /// The stored hash differs from the one approved.
+    HashMismatch,
+    /// The plan is not pending (active, superseded or stale).
+    NotPending,
+    /// The proposal expired.
+    Expired,
+}
+
 /// Counts of rows, for status and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreCounts {
@@ -127,6 +306,8 @@ pub struct StoreCounts {
     pub nonces: u64,
     /// Audit rows.
     pub audit: u64,
+    /// Plans in any state.
+    pub plans: u64,
 }
 
 /// The broker's durable state. Methods that change state are durable
@@ -188,6 +369,29 @@ pub trait Store: Send + Sync + 'static {
 
     /// Forgets nonces whose `expires_at_ms <= now_ms`; returns how many.
     async fn purge_expired(&self, now_ms: i64) -> Result<u64, StoreError>;
+
+    /// Installs the foundation plan atomically: nonce unused → no plan was
+    /// ever activated → store the plan as version 1 (active), create the
+    /// admin token, remember the nonce, append the audit row. Exactly one call
+    /// can ever return `Installed`.
+    async fn bootstrap_plan(&self, install: BootstrapInstall) -> Result<BootstrapOutcome, StoreError>;
+
+    /// Stores a proposal (the proposer's approval counted); activates it at
+    /// once when that already meets `required_approvals`. Refuses with
+    /// `Stale` when the active plan is no longer `based_on`. Activation
+    /// supersedes the active plan and marks other pending proposals stale.
+    async fn propose_plan(&self, proposal: PlanProposal) -> Result<ProposeOutcome, StoreError>;
+
+    /// Records an approval, in order: version exists → pending → not expired
+    /// → hash matches → approver new; activates when the count reaches the
+    /// plan's `required_approvals` (same effects as in `propose_plan`).
+    async fn approve_plan(&self, approval: PlanApproval) -> Result<ApproveOutcome, StoreError>;
+
+    /// The active plan, if any.
+    async fn fetch_active_plan(&self) -> Result<Option<PlanRecord>, StoreError>;
+
+    /// One plan by version.
+    async fn fetch_plan(&self, version: u64) -> Result<Option<PlanRecord>, StoreError>;
 
     /// Row counts.
     async fn counts(&self) -> Result<StoreCounts, StoreError>;

@@ -44,8 +44,9 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row}
 use tokio::sync::oneshot;
 
 use super::{
-    IssuedCert, RedeemOutcome, Redemption, RevokeOutcome, Store, StoreCounts, StoreError,
-    TokenRecord,
+    ApproveOutcome, BootstrapInstall, BootstrapOutcome, IssuedCert, PlanApproval, PlanProposal,
+    PlanRecord, PlanState, ProposeOutcome, RedeemOutcome, Redemption, RevokeOutcome, Store,
+    StoreCounts, StoreError, TokenRecord,
 };
 use crate::audit::{self, AuditRecord, AuditRow, GENESIS_HASH};
 
@@ -55,7 +56,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Schema migrations; `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
 /// Append new entries, never edit old ones.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
 
 /// Version 1: tokens, nonces, issued certificates, audit chain.
 const SCHEMA_V1: &str = "
@@ -96,6 +97,32 @@ CREATE TABLE audit (
     hash          TEXT    NOT NULL
 ) STRICT;
 ";
+
+/// Version 2: plans and their approvals.
+const SCHEMA_V2: &str = "
+CREATE TABLE plans (
+    version            INTEGER NOT NULL PRIMARY KEY,
+    sha256             TEXT    NOT NULL,
+    canonical_json     TEXT    NOT NULL,
+    state              TEXT    NOT NULL,
+    proposer           TEXT    NOT NULL,
+    created_at_ms      INTEGER NOT NULL,
+    expires_at_ms      INTEGER NOT NULL,
+    activated_at_ms    INTEGER,
+    required_approvals INTEGER NOT NULL
+) STRICT;
+CREATE UNIQUE INDEX plans_one_active ON plans (state) WHERE state = 'active';
+
+CREATE TABLE plan_approvals (
+    version       INTEGER NOT NULL REFERENCES plans (version),
+    approver      TEXT    NOT NULL,
+    at_ms         INTEGER NOT NULL,
+    PRIMARY KEY (version, approver)
+) STRICT;
+";
+
+const PLAN_COLUMNS: &str = "version, sha256, canonical_json, state, proposer, created_at_ms, \
+                            expires_at_ms, activated_at_ms, required_approvals";
 
 const TOKEN_COLUMNS: &str =
     "token_id, spiffe_id, created_at_ms, expires_at_ms, max_uses, uses, revoked_at_ms";
@@ -177,6 +204,17 @@ impl SqliteStore {
         let (tx, rx) = oneshot::channel();
         self.submit(make(tx))?;
         rx.await.map_err(|_| writer_stopped())?
+    }
+
+    /// Runs `f` on the writer thread inside the batch transaction, like any
+    /// other write: durable when it returns `Ok`.
+    async fn job<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &mut ChainHead) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.write(|reply| Op::Job(Box::new(FnJob { f, reply })))
+            .await
     }
 
     /// Runs `f` on the read connection on the blocking pool.
@@ -327,11 +365,45 @@ impl Store for SqliteStore {
         self.write(|reply| Op::PurgeExpired { now_ms, reply }).await
     }
 
+    async fn bootstrap_plan(&self, install: BootstrapInstall) -> Result<BootstrapOutcome, StoreError> {
+        self.job(move |conn, head| bootstrap_plan(conn, head, &install))
+            .await
+    }
+
+    async fn propose_plan(&self, proposal: PlanProposal) -> Result<ProposeOutcome, StoreError> {
+        self.job(move |conn, head| propose_plan(conn, head, &proposal))
+            .await
+    }
+
+    async fn approve_plan(&self, approval: PlanApproval) -> Result<ApproveOutcome, StoreError> {
+        self.job(move |conn, head| approve_plan(conn, head, &approval))
+            .await
+    }
+
+    async fn fetch_active_plan(&self) -> Result<Option<PlanRecord>, StoreError> {
+        self.read(|c| {
+            let v: Option<i64> = c
+                .query_row("SELECT version FROM plans WHERE state = 'active'", [], |r| r.get(0))
+                .optional()?;
+            match v {
+                Some(v) => load_plan(c, v),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn fetch_plan(&self, version: u64) -> Result<Option<PlanRecord>, StoreError> {
+        let v = to_i64(version)?;
+        self.read(move |c| load_plan(c, v)).await
+    }
+
     async fn counts(&self) -> Result<StoreCounts, StoreError> {
         self.read(|c| {
-            let (tokens, issued, nonces, audit) = c.query_row(
+            let (tokens, issued, nonces, audit, plans) = c.query_row(
                 "SELECT (SELECT COUNT(*) FROM tokens), (SELECT COUNT(*) FROM issued), \
-                        (SELECT COUNT(*) FROM nonces), (SELECT COUNT(*) FROM audit)",
+                        (SELECT COUNT(*) FROM nonces), (SELECT COUNT(*) FROM audit), \
+                        (SELECT COUNT(*) FROM plans)",
                 [],
                 |r| {
                     Ok((
@@ -339,6 +411,7 @@ impl Store for SqliteStore {
                         r.get::<_, i64>(1)?,
                         r.get::<_, i64>(2)?,
                         r.get::<_, i64>(3)?,
+                        r.get::<_, i64>(4)?,
                     ))
                 },
             )?;
@@ -347,6 +420,7 @@ impl Store for SqliteStore {
                 issued: to_u64(issued)?,
                 nonces: to_u64(nonces)?,
                 audit: to_u64(audit)?,
+                plans: to_u64(plans)?,
             })
         })
         .await
@@ -552,6 +626,69 @@ enum Op {
         now_ms: i64,
         reply: Reply<u64>,
     },
+    /// Any other write, as a closure (see [`SqliteStore::job`]).
+    Job(Box<dyn Job>),
+}
+
+/// A type-erased write: applying it yields its pending reply.
+trait Job: Send {
+    fn apply(self: Box<Self>, conn: &Connection, head: &mut ChainHead) -> Box<dyn JobDone>;
+    fn fail(self: Box<Self>, msg: &str) -> Box<dyn JobDone>;
+}
+
+/// A type-erased applied write, held until the batch commits.
+trait JobDone: Send {
+    fn is_err(&self) -> bool;
+    fn fail(self: Box<Self>, msg: &str) -> Box<dyn JobDone>;
+    fn send(self: Box<Self>);
+}
+
+struct FnJob<T, F> {
+    f: F,
+    reply: Reply<T>,
+}
+
+struct JobReply<T> {
+    reply: Reply<T>,
+    result: Result<T, StoreError>,
+}
+
+impl<T, F> Job for FnJob<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection, &mut ChainHead) -> Result<T, StoreError> + Send + 'static,
+{
+    fn apply(self: Box<Self>, conn: &Connection, head: &mut ChainHead) -> Box<dyn JobDone> {
+        let result = (self.f)(conn, head);
+        Box::new(JobReply {
+            reply: self.reply,
+            result,
+        })
+    }
+
+    fn fail(self: Box<Self>, msg: &str) -> Box<dyn JobDone> {
+        Box::new(JobReply {
+            reply: self.reply,
+            result: unavailable(msg),
+        })
+    }
+}
+
+impl<T: Send + 'static> JobDone for JobReply<T> {
+    fn is_err(&self) -> bool {
+        self.result.is_err()
+    }
+
+    fn fail(self: Box<Self>, msg: &str) -> Box<dyn JobDone> {
+        Box::new(JobReply {
+            reply: self.reply,
+            result: unavailable(msg),
+        })
+    }
+
+    fn send(self: Box<Self>) {
+        drop(self.reply.send(self.result));
+    }
 }
 
 /// An applied op: its reply channel and result, held until the batch commits.
@@ -560,6 +697,7 @@ enum Done {
     Revoke(Reply<RevokeOutcome>, Result<RevokeOutcome, StoreError>),
     Redeem(Reply<RedeemOutcome>, Result<RedeemOutcome, StoreError>),
     Count(Reply<u64>, Result<u64, StoreError>),
+    Job(Box<dyn JobDone>),
 }
 
 impl Op {
@@ -585,6 +723,7 @@ impl Op {
                 Done::Count(reply, append_audit(conn, head, &audit))
             }
             Op::PurgeExpired { now_ms, reply } => Done::Count(reply, purge_expired(conn, now_ms)),
+            Op::Job(job) => Done::Job(job.apply(conn, head)),
         }
     }
 
@@ -597,6 +736,7 @@ impl Op {
             Op::AppendAudit { reply, .. } | Op::PurgeExpired { reply, .. } => {
                 Done::Count(reply, unavailable(msg))
             }
+            Op::Job(job) => Done::Job(job.fail(msg)),
         }
     }
 }
@@ -608,6 +748,7 @@ impl Done {
             Done::Revoke(_, r) => r.is_err(),
             Done::Redeem(_, r) => r.is_err(),
             Done::Count(_, r) => r.is_err(),
+            Done::Job(j) => j.is_err(),
         }
     }
 
@@ -618,6 +759,7 @@ impl Done {
             Done::Revoke(tx, _) => Done::Revoke(tx, unavailable(msg)),
             Done::Redeem(tx, _) => Done::Redeem(tx, unavailable(msg)),
             Done::Count(tx, _) => Done::Count(tx, unavailable(msg)),
+            Done::Job(j) => Done::Job(j.fail(msg)),
         }
     }
 
@@ -629,6 +771,7 @@ impl Done {
             Done::Revoke(tx, r) => drop(tx.send(r)),
             Done::Redeem(tx, r) => drop(tx.send(r)),
             Done::Count(tx, r) => drop(tx.send(r)),
+            Done::Job(j) => j.send(),
         }
     }
 }
@@ -929,6 +1072,213 @@ fn purge_expired(conn: &Connection, now_ms: i64) -> Result<u64, StoreError> {
     u64::try_from(n).map_err(|_| StoreError::Corrupt("row count out of range".into()))
 }
 
+// === Plans ===
+
+fn load_plan(conn: &Connection, version: i64) -> Result<Option<PlanRecord>, StoreError> {
+    let sql = format!("SELECT {PLAN_COLUMNS} FROM plans WHERE version = ?1");
+    let row = conn
+        .prepare_cached(&sql)?
+        .query_row([version], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, Option<i64>>(7)?,
+                r.get::<_, i64>(8)?,
+            ))
+        })
+        .optional()?;
+    let Some((v, sha256, canonical_json, state, proposer, created, expires, activated, req)) = row
+    else {
+        return Ok(None);
+    };
+    let state = PlanState::parse(&state)
+        .ok_or_else(|| StoreError::Corrupt(format!("plan {v} has unknown state")))?;
+    let approvals = conn
+        .prepare_cached("SELECT approver FROM plan_approvals WHERE version = ?1 ORDER BY at_ms, rowid")?
+        .query_map([v], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Some(PlanRecord {
+        version: to_u64(v)?,
+        sha256,
+        canonical_json,
+        state,
+        proposer,
+        created_at_ms: created,
+        expires_at_ms: expires,
+        activated_at_ms: activated,
+        required_approvals: u32::try_from(req)
+            .map_err(|_| StoreError::Corrupt("required_approvals out of range".into()))?,
+        approvals,
+    }))
+}
+
+fn active_version(conn: &Connection) -> rusqlite::Result<Option<i64>> {
+    conn.prepare_cached("SELECT version FROM plans WHERE state = 'active'")?
+        .query_row([], |r| r.get(0))
+        .optional()
+}
+
+fn next_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("SELECT COALESCE(MAX(version), 0) + 1 FROM plans")?
+        .query_row([], |r| r.get(0))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn insert_plan(
+    conn: &Connection,
+    version: i64,
+    sha256: &str,
+    json: &str,
+    state: PlanState,
+    proposer: &str,
+    now_ms: i64,
+    expires_at_ms: i64,
+    required: u32,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO plans (version, sha256, canonical_json, state, proposer, created_at_ms, \
+         expires_at_ms, activated_at_ms, required_approvals) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8)",
+    )?
+    .execute(params![version, sha256, json, state.as_str(), proposer, now_ms, expires_at_ms, required])?;
+    conn.prepare_cached("INSERT INTO plan_approvals (version, approver, at_ms) VALUES (?1, ?2, ?3)")?
+        .execute(params![version, proposer, now_ms])?;
+    Ok(())
+}
+
+/// Makes `version` the active plan: the old one is superseded, every other
+/// pending proposal becomes stale (it was checked against the old plan).
+fn activate(conn: &Connection, version: i64, now_ms: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE plans SET state = 'superseded' WHERE state = 'active'")?
+        .execute([])?;
+    conn.prepare_cached("UPDATE plans SET state = 'stale' WHERE state = 'pending' AND version <> ?1")?
+        .execute([version])?;
+    conn.prepare_cached(
+        "UPDATE plans SET state = 'active', activated_at_ms = ?2 WHERE version = ?1",
+    )?
+    .execute(params![version, now_ms])?;
+    Ok(())
+}
+
+fn bootstrap_plan(
+    conn: &Connection,
+    head: &mut ChainHead,
+    b: &BootstrapInstall,
+) -> Result<BootstrapOutcome, StoreError> {
+    let seen = conn
+        .prepare_cached("SELECT 1 FROM nonces WHERE nonce = ?1")?
+        .query_row([&b.nonce], |_| Ok(()))
+        .optional()?;
+    if seen.is_some() {
+        return Ok(BootstrapOutcome::NonceReplayed);
+    }
+    let ever_active = conn
+        .prepare_cached("SELECT 1 FROM plans WHERE activated_at_ms IS NOT NULL LIMIT 1")?
+        .query_row([], |_| Ok(()))
+        .optional()?;
+    if ever_active.is_some() {
+        return Ok(BootstrapOutcome::Disabled);
+    }
+    let version = next_version(conn)?;
+    insert_plan(
+        conn,
+        version,
+        &b.sha256,
+        &b.canonical_json,
+        PlanState::Pending,
+        "bootstrap",
+        b.now_ms,
+        b.now_ms,
+        1,
+    )?;
+    activate(conn, version, b.now_ms)?;
+    remember_nonce(conn, &b.nonce, b.nonce_expires_at_ms)?;
+    create_token(conn, head, &b.admin_token, &b.audit)?;
+    Ok(BootstrapOutcome::Installed {
+        version: to_u64(version)?,
+    })
+}
+
+fn propose_plan(
+    conn: &Connection,
+    head: &mut ChainHead,
+    p: &PlanProposal,
+) -> Result<ProposeOutcome, StoreError> {
+    let active = active_version(conn)?;
+    let based_on = p.based_on.map(to_i64).transpose()?;
+    if active != based_on {
+        return Ok(ProposeOutcome::Stale);
+    }
+    let version = next_version(conn)?;
+    insert_plan(
+        conn,
+        version,
+        &p.sha256,
+        &p.canonical_json,
+        PlanState::Pending,
+        &p.proposer,
+        p.now_ms,
+        p.expires_at_ms,
+        p.required_approvals,
+    )?;
+    let mut audit = p.audit.clone();
+    audit.fields.insert("version".into(), version.into());
+    append_audit(conn, head, &audit)?;
+    let version_u = to_u64(version)?;
+    if p.required_approvals <= 1 {
+        activate(conn, version, p.now_ms)?;
+        let mut audit = p.activation_audit.clone();
+        audit.fields.insert("version".into(), version.into());
+        append_audit(conn, head, &audit)?;
+        return Ok(ProposeOutcome::Activated { version: version_u });
+    }
+    Ok(ProposeOutcome::Pending {
+        version: version_u,
+        approvals: 1,
+    })
+}
+
+fn approve_plan(
+    conn: &Connection,
+    head: &mut ChainHead,
+    a: &PlanApproval,
+) -> Result<ApproveOutcome, StoreError> {
+    let v = to_i64(a.version)?;
+    let Some(plan) = load_plan(conn, v)? else {
+        return Ok(ApproveOutcome::NotFound);
+    };
+    if plan.state != PlanState::Pending {
+        return Ok(ApproveOutcome::NotPending);
+    }
+    if a.now_ms >= plan.expires_at_ms {
+        return Ok(ApproveOutcome::Expired);
+    }
+    if plan.sha256 != a.sha256 {
+        return Ok(ApproveOutcome::HashMismatch);
+    }
+    if plan.approvals.iter().any(|x| x == &a.approver) {
+        return Ok(ApproveOutcome::AlreadyApproved);
+    }
+    conn.prepare_cached("INSERT INTO plan_approvals (version, approver, at_ms) VALUES (?1, ?2, ?3)")?
+        .execute(params![v, a.approver, a.now_ms])?;
+    append_audit(conn, head, &a.audit)?;
+    let approvals = u32::try_from(plan.approvals.len() + 1).unwrap_or(u32::MAX);
+    if approvals >= plan.required_approvals {
+        activate(conn, v, a.now_ms)?;
+        append_audit(conn, head, &a.activation_audit)?;
+        return Ok(ApproveOutcome::Activated);
+    }
+    Ok(ApproveOutcome::Pending {
+        approvals,
+        required: plan.required_approvals,
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
@@ -983,6 +1333,7 @@ mod tests {
             revoke_outcomes,
             purge_expired_nonces,
             concurrent_audit_appends_chain,
+            plan_lifecycle,
         );
     }
 
@@ -1022,7 +1373,7 @@ mod tests {
             let v: i64 = c
                 .query_row("PRAGMA user_version", [], |r| r.get(0))
                 .unwrap();
-            assert_eq!(v, 1);
+            assert_eq!(v, MIGRATIONS.len() as i64);
             let mode: String = c
                 .query_row("PRAGMA journal_mode", [], |r| r.get(0))
                 .unwrap();
@@ -1036,7 +1387,7 @@ mod tests {
         // A file from a newer build is refused, not misread.
         Connection::open(&path)
             .unwrap()
-            .pragma_update(None, "user_version", 2)
+            .pragma_update(None, "user_version", MIGRATIONS.len() as i64 + 1)
             .unwrap();
         let err = SqliteStore::open(&path, SqliteOptions::default()).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
