@@ -25,6 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".sigil.v1.EnrollRequest",
             ".sigil.v1.EnrollResponse",
             ".sigil.v1.CreateEnrollmentTokenResponse",
+            ".sigil.v1.BootstrapPlanRequest",
+            ".sigil.v1.BootstrapPlanResponse",
         ])
         .compile_fds(fds)?;
     Ok(())

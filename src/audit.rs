@@ -27,6 +27,14 @@ pub enum AuditKind {
     Reissued,
     /// A request was refused; `reason` says why.
     Denied,
+    /// The foundation plan was installed through the bootstrap RPC.
+    PlanBootstrapped,
+    /// A plan was proposed.
+    PlanProposed,
+    /// An admin approved a plan.
+    PlanApproved,
+    /// A plan became the active plan.
+    PlanActivated,
 }
 
 impl AuditKind {
@@ -38,6 +46,10 @@ impl AuditKind {
             Self::Issued => "issued",
             Self::Reissued => "reissued",
             Self::Denied => "denied",
+            Self::PlanBootstrapped => "plan_bootstrapped",
+            Self::PlanProposed => "plan_proposed",
+            Self::PlanApproved => "plan_approved",
+            Self::PlanActivated => "plan_activated",
         }
     }
 }

@@ -41,6 +41,10 @@ pub struct FileConfig {
     pub jwt_ttl: Option<String>,
     /// Path of the token key file (overrides env and the generated key).
     pub token_key_file: Option<PathBuf>,
+    /// Path of the bootstrap secret file (base64, 0600).
+    pub bootstrap_secret_file: Option<PathBuf>,
+    /// Refuse to generate a bootstrap secret: one must come from env or file.
+    pub require_bootstrap_secret: Option<bool>,
 }
 
 impl FileConfig {
@@ -80,6 +84,13 @@ pub struct Config {
     pub token_key_env: Option<String>,
     /// Group commit in the SQLite store (default on).
     pub group_commit: bool,
+    /// Bootstrap secret from `SIGIL_BOOTSTRAP_SECRET` (base64, ≥ 32 bytes): first precedence.
+    pub bootstrap_secret_env: Option<String>,
+    /// Bootstrap secret file (base64 text, 0600 enforced): second precedence.
+    pub bootstrap_secret_file: Option<PathBuf>,
+    /// When true and neither env nor file gives a secret, no secret is
+    /// generated and `BootstrapPlan` answers `BOOTSTRAP_SECRET_MISSING`.
+    pub require_bootstrap_secret: bool,
 }
 
 impl std::fmt::Display for Config {
@@ -117,6 +128,9 @@ impl Config {
             token_key_file: None,
             token_key_env: None,
             group_commit: true,
+            bootstrap_secret_env: None,
+            bootstrap_secret_file: None,
+            require_bootstrap_secret: false,
         }
     }
 }

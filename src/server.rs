@@ -24,7 +24,7 @@ use crate::{
     ca::{Ca, CaOptions},
     clock::Clock,
     config::Config,
-    core::{Broker, BrokerConfig},
+    core::{Broker, BrokerConfig, BrokerSecrets},
     secret::{self, Secret},
     store::{
         sqlite::{SqliteOptions, SqliteStore},
@@ -124,6 +124,67 @@ fn load_token_key(cfg: &Config) -> anyhow::Result<TokenKey> {
     token_key_from(s, "token key")
 }
 
+/// Name of the generated bootstrap secret file in the data dir.
+pub const BOOTSTRAP_SECRET_FILE: &str = "bootstrap_secret";
+
+/// Bootstrap secret precedence (issue #3): `SIGIL_BOOTSTRAP_SECRET` (base64)
+/// > `--bootstrap-secret-file` (base64 text, 0600) > generated into
+/// `<data-dir>/bootstrap_secret` (0600) — unless an external one is required.
+fn load_bootstrap_secret(cfg: &Config) -> anyhow::Result<(Option<Secret>, &'static str)> {
+    if let Some(b64) = &cfg.bootstrap_secret_env {
+        return Ok((
+            Some(decode_bootstrap(b64.as_bytes(), "SIGIL_BOOTSTRAP_SECRET")?),
+            "env",
+        ));
+    }
+    if let Some(path) = &cfg.bootstrap_secret_file {
+        let s = secret::read_secret_file(path)?
+            .with_context(|| format!("bootstrap secret file {} not found", path.display()))?;
+        return Ok((
+            Some(decode_bootstrap(s.expose(), "bootstrap secret file")?),
+            "file",
+        ));
+    }
+    if cfg.require_bootstrap_secret {
+        return Ok((None, "missing"));
+    }
+    let (s, created) = secret::load_or_generate(&cfg.data_dir.join(BOOTSTRAP_SECRET_FILE), || {
+        let raw = Secret::random(32);
+        let mut text = base64::engine::general_purpose::STANDARD.encode(raw.expose());
+        text.push('\n');
+        let s = Secret::new(text.as_bytes().to_vec());
+        zeroize::Zeroize::zeroize(&mut text);
+        s
+    })?;
+    if created {
+        tracing::info!(
+            file = BOOTSTRAP_SECRET_FILE,
+            "generated a bootstrap secret (0600 in the data dir; `sigil bootstrap secret-path`)"
+        );
+    }
+    Ok((
+        Some(decode_bootstrap(s.expose(), "bootstrap secret")?),
+        "generated",
+    ))
+}
+
+/// Decodes a base64 bootstrap secret (surrounding whitespace ignored), ≥ 32 bytes.
+///
+/// # Errors
+/// Not base64, or too short; the message never includes the value.
+pub fn decode_bootstrap(text: &[u8], what: &str) -> anyhow::Result<Secret> {
+    let trimmed = std::str::from_utf8(text)
+        .map_err(|_| anyhow::anyhow!("{what} is not base64 text"))?
+        .trim();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(trimmed)
+        .map_err(|_| anyhow::anyhow!("{what} is not valid base64"))?;
+    if raw.len() < 32 {
+        bail!("{what} must decode to at least 32 bytes");
+    }
+    Ok(Secret::new(raw))
+}
+
 fn token_key_from(s: Secret, what: &str) -> anyhow::Result<TokenKey> {
     if s.len() < 32 {
         bail!("{what} must be at least 32 bytes");
@@ -175,13 +236,22 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     bcfg.window_secs = cfg.window_secs;
     bcfg.x509_ttl_secs = cfg.x509_ttl_secs;
     bcfg.jwt_ttl_secs = cfg.jwt_ttl_secs;
-    let broker = Arc::new(Broker::new(
-        bcfg,
-        store.clone(),
-        ca.clone(),
-        token_key,
-        clock.clone(),
-    ));
+    let (bootstrap, bootstrap_source) = load_bootstrap_secret(&cfg)?;
+    let broker = Arc::new(
+        Broker::new(
+            bcfg,
+            store.clone(),
+            ca.clone(),
+            BrokerSecrets {
+                token_key,
+                bootstrap,
+                bootstrap_source,
+            },
+            clock.clone(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("load broker state: {e}"))?,
+    );
 
     // TLS serving identity, signed by our CA; clients pin the CA key.
     let mut sans = vec![
@@ -199,8 +269,12 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         .context("serving certificate")?;
     let cert_pem = pem("CERTIFICATE", &leaf) + &pem("CERTIFICATE", ca.ca_cert_der());
     let key_pem = zeroize::Zeroizing::new(pem("PRIVATE KEY", key.expose()));
+    // Client certificates are optional: workloads enroll without one; admins
+    // (and later renewals) present an X509-SVID of this CA.
     let tls = ServerTlsConfig::new()
         .identity(TlsIdentity::from_pem(cert_pem, key_pem.as_bytes()))
+        .client_ca_root(tonic::transport::Certificate::from_pem(ca.ca_cert_pem()))
+        .client_auth_optional(true)
         .timeout(Duration::from_secs(10));
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -231,13 +305,14 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         .add_service(health_service)
         .add_service(reflection)
         .add_service(IdentityApi::new(broker.clone()).into_service())
+        .add_service(AdminApi::public(broker.clone()).into_service())
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             wait_stop(stop_rx.clone()),
         );
     let admin = Server::builder()
         .timeout(Duration::from_secs(30))
-        .add_service(AdminApi::new(broker.clone()).into_service())
+        .add_service(AdminApi::local(broker.clone()).into_service())
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(admin_listener),
             wait_stop(stop_rx.clone()),
@@ -342,23 +417,7 @@ pub async fn verify_audit_offline(data_dir: &Path) -> anyhow::Result<crate::core
         bail!("no store at {}", db.display());
     }
     let store = SqliteStore::open(&db, SqliteOptions::default()).context("open store")?;
-    let mut v = crate::audit::ChainVerifier::default();
-    let mut after = 0;
-    let mut broken = None;
-    'outer: loop {
-        let rows = store.list_audit(after, 1000).await?;
-        let Some(last) = rows.last() else { break };
-        after = last.seq;
-        for r in &rows {
-            if let Err(b) = v.check(r) {
-                broken = Some((b.seq, b.problem));
-                break 'outer;
-            }
-        }
-    }
+    let verdict = crate::core::verify_store_chain(&store).await;
     store.close().await;
-    Ok(crate::core::AuditVerdict {
-        events: v.count(),
-        broken,
-    })
+    Ok(verdict?)
 }

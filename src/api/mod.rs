@@ -2,6 +2,7 @@
 //! decodes the request, calls one [`crate::core::Broker`] method and encodes
 //! the answer; errors become Status in [`status`] only. No rules live here.
 
+pub mod caller;
 pub mod pb;
 pub mod status;
 
@@ -32,15 +33,6 @@ impl IdentityApi {
     }
 }
 
-fn peer_caller<T>(req: &Request<T>) -> Caller {
-    Caller::Peer {
-        addr: req
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "unknown".to_owned()),
-    }
-}
-
 #[tonic::async_trait]
 impl pb::identity_server::Identity for IdentityApi {
     #[tracing::instrument(skip_all, name = "Enroll")]
@@ -48,7 +40,7 @@ impl pb::identity_server::Identity for IdentityApi {
         &self,
         request: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
-        let caller = peer_caller(&request);
+        let caller = caller::public_caller(&request);
         let req = request.into_inner();
         let credential = match req.credential {
             Some(pb::enroll_request::Credential::Token(t)) => Some(Credential::Token {
@@ -98,17 +90,38 @@ impl pb::identity_server::Identity for IdentityApi {
     }
 }
 
-/// The `Admin` service on the local socket, where every caller is the
-/// trusted local operator.
+/// The `Admin` service: on the local socket every caller is the trusted
+/// local operator; on the public port the caller is whoever the TLS peer
+/// certificate says (or nobody), and the broker authorizes.
 #[derive(Debug, Clone)]
 pub struct AdminApi {
     broker: Arc<Broker>,
+    local: bool,
 }
 
 impl AdminApi {
-    /// Wraps the broker.
-    pub fn new(broker: Arc<Broker>) -> Self {
-        Self { broker }
+    /// The admin service of the local socket.
+    pub fn local(broker: Arc<Broker>) -> Self {
+        Self {
+            broker,
+            local: true,
+        }
+    }
+
+    /// The admin service of the public TLS port.
+    pub fn public(broker: Arc<Broker>) -> Self {
+        Self {
+            broker,
+            local: false,
+        }
+    }
+
+    fn caller<T>(&self, req: &Request<T>) -> Caller {
+        if self.local {
+            Caller::LocalAdmin
+        } else {
+            caller::public_caller(req)
+        }
     }
 
     /// The tonic service with size caps applied.
@@ -124,10 +137,11 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::CreateEnrollmentTokenRequest>,
     ) -> Result<Response<pb::CreateEnrollmentTokenResponse>, Status> {
+        let caller = self.caller(&request);
         let r = request.into_inner();
         let t = self
             .broker
-            .create_token(&r.spiffe_id, r.ttl_seconds, r.max_uses, &Caller::LocalAdmin)
+            .create_token(&r.spiffe_id, r.ttl_seconds, r.max_uses, &caller)
             .await?;
         Ok(Response::new(pb::CreateEnrollmentTokenResponse {
             token: t.token,
@@ -142,22 +156,21 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::RevokeEnrollmentTokenRequest>,
     ) -> Result<Response<pb::RevokeEnrollmentTokenResponse>, Status> {
+        let caller = self.caller(&request);
         let r = request.into_inner();
-        let revoked = self
-            .broker
-            .revoke_token(&r.token_id, &Caller::LocalAdmin)
-            .await?;
+        let revoked = self.broker.revoke_token(&r.token_id, &caller).await?;
         Ok(Response::new(pb::RevokeEnrollmentTokenResponse { revoked }))
     }
 
     #[tracing::instrument(skip_all, name = "ListEnrollmentTokens")]
     async fn list_enrollment_tokens(
         &self,
-        _request: Request<pb::ListEnrollmentTokensRequest>,
+        request: Request<pb::ListEnrollmentTokensRequest>,
     ) -> Result<Response<pb::ListEnrollmentTokensResponse>, Status> {
+        let caller = self.caller(&request);
         let tokens = self
             .broker
-            .list_tokens()
+            .list_tokens(&caller)
             .await?
             .into_iter()
             .map(|t| pb::EnrollmentToken {
@@ -178,10 +191,11 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        let caller = self.caller(&request);
         let r = request.into_inner();
         let events = self
             .broker
-            .list_audit(r.after_seq, r.limit)
+            .list_audit(r.after_seq, r.limit, &caller)
             .await?
             .into_iter()
             .map(|e| pb::AuditEvent {
@@ -199,9 +213,10 @@ impl pb::admin_server::Admin for AdminApi {
     #[tracing::instrument(skip_all, name = "VerifyAuditChain")]
     async fn verify_audit_chain(
         &self,
-        _request: Request<pb::VerifyAuditChainRequest>,
+        request: Request<pb::VerifyAuditChainRequest>,
     ) -> Result<Response<pb::VerifyAuditChainResponse>, Status> {
-        let v = self.broker.verify_audit().await?;
+        let caller = self.caller(&request);
+        let v = self.broker.verify_audit(&caller).await?;
         let (broken_at, problem) = v.broken.unwrap_or_default();
         Ok(Response::new(pb::VerifyAuditChainResponse {
             ok: broken_at == 0,
@@ -209,5 +224,107 @@ impl pb::admin_server::Admin for AdminApi {
             broken_at,
             problem,
         }))
+    }
+
+    #[tracing::instrument(skip_all, name = "BootstrapPlan")]
+    async fn bootstrap_plan(
+        &self,
+        request: Request<pb::BootstrapPlanRequest>,
+    ) -> Result<Response<pb::BootstrapPlanResponse>, Status> {
+        let caller = self.caller(&request);
+        let r = request.into_inner();
+        let b = self
+            .broker
+            .bootstrap_plan(&r.payload, &r.signature, &r.plan, &caller)
+            .await?;
+        Ok(Response::new(pb::BootstrapPlanResponse {
+            status: "PLAN_CREATED".to_owned(),
+            plan_version: b.version,
+            plan_sha256: b.sha256,
+            admin_token: b.admin_token,
+            admin_spiffe_id: b.admin_spiffe_id,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, name = "ProposePlan")]
+    async fn propose_plan(
+        &self,
+        request: Request<pb::ProposePlanRequest>,
+    ) -> Result<Response<pb::PlanResponse>, Status> {
+        let caller = self.caller(&request);
+        let r = request.into_inner();
+        let v = self.broker.propose_plan(&r.plan, &caller).await?;
+        Ok(Response::new(plan_response(v)))
+    }
+
+    #[tracing::instrument(skip_all, name = "ApprovePlan")]
+    async fn approve_plan(
+        &self,
+        request: Request<pb::ApprovePlanRequest>,
+    ) -> Result<Response<pb::PlanResponse>, Status> {
+        let caller = self.caller(&request);
+        let r = request.into_inner();
+        let v = self
+            .broker
+            .approve_plan(r.version, &r.plan_sha256, &caller)
+            .await?;
+        Ok(Response::new(plan_response(v)))
+    }
+
+    #[tracing::instrument(skip_all, name = "ApplyPlan")]
+    async fn apply_plan(
+        &self,
+        request: Request<pb::ApplyPlanRequest>,
+    ) -> Result<Response<pb::PlanResponse>, Status> {
+        let caller = self.caller(&request);
+        let r = request.into_inner();
+        let v = self.broker.apply_plan(&r.plan, &caller).await?;
+        Ok(Response::new(plan_response(v)))
+    }
+
+    #[tracing::instrument(skip_all, name = "GetPlan")]
+    async fn get_plan(
+        &self,
+        request: Request<pb::GetPlanRequest>,
+    ) -> Result<Response<pb::PlanResponse>, Status> {
+        let caller = self.caller(&request);
+        let r = request.into_inner();
+        let v = self.broker.get_plan(r.version, &caller).await?;
+        Ok(Response::new(plan_response(v)))
+    }
+
+    #[tracing::instrument(skip_all, name = "GetStatus")]
+    async fn get_status(
+        &self,
+        request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let caller = self.caller(&request);
+        let s = self.broker.status(&caller).await?;
+        let (plan_version, plan_sha256) = s.plan.unwrap_or_default();
+        Ok(Response::new(pb::GetStatusResponse {
+            bootstrap_enabled: s.bootstrap_enabled,
+            plan_version,
+            plan_sha256,
+            trust_domain: s.trust_domain,
+            ca_pin: s.ca_pin,
+            tokens: s.counts.tokens,
+            issued: s.counts.issued,
+            audit_events: s.counts.audit,
+            bootstrap_secret: s.bootstrap_secret,
+        }))
+    }
+}
+
+fn plan_response(v: crate::core::PlanView) -> pb::PlanResponse {
+    pb::PlanResponse {
+        version: v.version,
+        plan_sha256: v.sha256,
+        state: v.state,
+        approvals: u32::try_from(v.approvers.len()).unwrap_or(u32::MAX),
+        required_approvals: v.required_approvals,
+        plan_json: v.plan_json,
+        proposer: v.proposer,
+        approvers: v.approvers,
+        expires_at: v.expires_at,
     }
 }

@@ -62,3 +62,23 @@ impl fmt::Debug for CreateEnrollmentTokenResponse {
             .finish_non_exhaustive()
     }
 }
+
+impl fmt::Debug for BootstrapPlanRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BootstrapPlanRequest")
+            .field("payload_len", &self.payload.len())
+            .field("plan_len", &self.plan.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for BootstrapPlanResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BootstrapPlanResponse")
+            .field("status", &self.status)
+            .field("plan_version", &self.plan_version)
+            .field("plan_sha256", &self.plan_sha256)
+            .field("admin_spiffe_id", &self.admin_spiffe_id)
+            .finish_non_exhaustive()
+    }
+}

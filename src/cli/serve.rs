@@ -47,6 +47,15 @@ pub struct ServeArgs {
     /// File holding the token key K_token (0600; overrides SIGIL_TOKEN_KEY).
     #[arg(long, env = "SIGIL_TOKEN_KEY_FILE")]
     pub token_key_file: Option<PathBuf>,
+    /// File holding the bootstrap secret, base64 (0600). SIGIL_BOOTSTRAP_SECRET
+    /// (base64 in the environment) takes precedence; without either, one is
+    /// generated into <data-dir>/bootstrap_secret.
+    #[arg(long, env = "SIGIL_BOOTSTRAP_SECRET_FILE")]
+    pub bootstrap_secret_file: Option<PathBuf>,
+    /// Never generate a bootstrap secret: BootstrapPlan answers
+    /// BOOTSTRAP_SECRET_MISSING until one is given by env or file.
+    #[arg(long, env = "SIGIL_REQUIRE_BOOTSTRAP_SECRET")]
+    pub require_bootstrap_secret: bool,
 }
 
 impl ServeArgs {
@@ -95,6 +104,10 @@ impl ServeArgs {
         }
         cfg.token_key_file = self.token_key_file.or(file.token_key_file);
         cfg.token_key_env = std::env::var("SIGIL_TOKEN_KEY").ok();
+        cfg.bootstrap_secret_env = std::env::var("SIGIL_BOOTSTRAP_SECRET").ok();
+        cfg.bootstrap_secret_file = self.bootstrap_secret_file.or(file.bootstrap_secret_file);
+        cfg.require_bootstrap_secret =
+            self.require_bootstrap_secret || file.require_bootstrap_secret.unwrap_or(false);
         Ok(cfg)
     }
 }

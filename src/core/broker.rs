@@ -9,16 +9,18 @@
 //! certificate and its audit row) → respond. A signed certificate that loses
 //! the race is dropped; nothing is returned before the commit is durable.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use sha2::{Digest, Sha256};
 
-use super::Error;
+use super::{plans::with_plan, Error};
 use crate::{
     audit::{AuditKind, AuditRecord, AuditRow, ChainVerifier},
     ca::{self, Ca, JwtParams, X509Params},
     clock::Clock,
     identity::{SpiffeId, TrustDomain},
+    policy::Plan,
+    secret::Secret,
     store::{IssuedCert, RedeemOutcome, Redemption, RevokeOutcome, Store, TokenRecord},
     token::{self, EnrollPayload, TokenKey},
 };
@@ -66,7 +68,7 @@ impl BrokerConfig {
     }
 }
 
-/// Who is calling, for audit rows and (later) authorization.
+/// Who is calling, for audit rows and authorization.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
     /// The local operator on the admin socket (trusted by file permission).
@@ -76,15 +78,57 @@ pub enum Caller {
         /// `ip:port`, or `unknown`.
         addr: String,
     },
+    /// A network peer whose X509-SVID (signed by our CA) the TLS handshake verified.
+    Svid {
+        /// `ip:port`, or `unknown`.
+        addr: String,
+        /// The certificate's SPIFFE ID.
+        spiffe_id: String,
+        /// Lowercase hex serial.
+        serial: String,
+    },
 }
 
 impl Caller {
-    fn describe(&self) -> String {
+    /// The identity recorded in audit rows: SPIFFE ID, address or the socket.
+    pub fn describe(&self) -> String {
         match self {
             Self::LocalAdmin => "local-admin-socket".to_owned(),
             Self::Peer { addr } => addr.clone(),
+            Self::Svid {
+                spiffe_id, addr, ..
+            } => format!("{spiffe_id}@{addr}"),
         }
     }
+
+    /// The approver name for plans: SPIFFE ID, or `local-admin-socket`.
+    pub fn principal(&self) -> String {
+        match self {
+            Self::Svid { spiffe_id, .. } => spiffe_id.clone(),
+            other => other.describe(),
+        }
+    }
+}
+
+/// The active plan, cached in memory and refreshed on every activation.
+#[derive(Debug, Clone)]
+pub struct ActivePlan {
+    /// Version.
+    pub version: u64,
+    /// Canonical hash.
+    pub sha256: String,
+    /// The plan.
+    pub plan: Plan,
+}
+
+/// Secret material the broker core holds.
+pub struct BrokerSecrets {
+    /// K_token.
+    pub token_key: TokenKey,
+    /// The bootstrap secret, `None` when an external one is required and missing.
+    pub bootstrap: Option<Secret>,
+    /// Where it came from (`env`, `file`, `generated`, `missing`), for status.
+    pub bootstrap_source: &'static str,
 }
 
 /// The credential presented with a CSR.
@@ -218,11 +262,14 @@ pub struct AuditVerdict {
 
 /// The broker core.
 pub struct Broker {
-    cfg: BrokerConfig,
-    store: Arc<dyn Store>,
-    ca: Arc<Ca>,
-    token_key: TokenKey,
-    clock: Arc<dyn Clock>,
+    pub(super) cfg: BrokerConfig,
+    pub(super) store: Arc<dyn Store>,
+    pub(super) ca: Arc<Ca>,
+    pub(super) token_key: TokenKey,
+    pub(super) bootstrap_secret: Option<Secret>,
+    pub(super) bootstrap_source: &'static str,
+    pub(super) clock: Arc<dyn Clock>,
+    pub(super) plan: RwLock<Option<Arc<ActivePlan>>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -234,21 +281,29 @@ impl std::fmt::Debug for Broker {
 }
 
 impl Broker {
-    /// Assembles a broker from its parts.
-    pub fn new(
+    /// Assembles a broker and loads the active plan from the store.
+    ///
+    /// # Errors
+    /// The store fails or holds an undecodable plan.
+    pub async fn new(
         cfg: BrokerConfig,
         store: Arc<dyn Store>,
         ca: Arc<Ca>,
-        token_key: TokenKey,
+        secrets: BrokerSecrets,
         clock: Arc<dyn Clock>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, Error> {
+        let b = Self {
             cfg,
             store,
             ca,
-            token_key,
+            token_key: secrets.token_key,
+            bootstrap_secret: secrets.bootstrap,
+            bootstrap_source: secrets.bootstrap_source,
             clock,
-        }
+            plan: RwLock::new(None),
+        };
+        b.reload_plan().await?;
+        Ok(b)
     }
 
     /// The configuration.
@@ -280,16 +335,19 @@ impl Broker {
         max_uses: u32,
         caller: &Caller,
     ) -> Result<CreatedToken, Error> {
+        self.authorize_admin(caller).await?;
         let id = self.parse_own_id(spiffe_id)?;
         let ttl = if ttl_secs == 0 {
             self.cfg.default_token_ttl_secs
         } else {
             i64::from(ttl_secs)
         };
-        if ttl > self.cfg.max_token_ttl_secs {
+        let max_ttl = self
+            .active_plan()
+            .map_or(self.cfg.max_token_ttl_secs, |p| p.plan.limits.max_token_ttl);
+        if ttl > max_ttl {
             return Err(Error::Malformed(format!(
-                "ttl_seconds exceeds the maximum of {}",
-                self.cfg.max_token_ttl_secs
+                "ttl_seconds exceeds the maximum of {max_ttl}"
             )));
         }
         let max_uses = if max_uses == 0 { 1 } else { max_uses };
@@ -330,6 +388,7 @@ impl Broker {
     /// # Errors
     /// `Malformed` for a bad id, `TokenUnknown`, `Unavailable`.
     pub async fn revoke_token(&self, token_id: &str, caller: &Caller) -> Result<bool, Error> {
+        self.authorize_admin(caller).await?;
         if !token::is_valid_token_id(token_id) {
             return Err(Error::Malformed(
                 "token_id must be 32 lowercase hex characters".into(),
@@ -353,7 +412,8 @@ impl Broker {
     ///
     /// # Errors
     /// `Unavailable`.
-    pub async fn list_tokens(&self) -> Result<Vec<TokenView>, Error> {
+    pub async fn list_tokens(&self, caller: &Caller) -> Result<Vec<TokenView>, Error> {
+        self.authorize_admin(caller).await?;
         Ok(self
             .store
             .list_tokens()
@@ -496,14 +556,16 @@ impl Broker {
         let csr = ca::verify_csr(csr).map_err(|e| Error::Malformed(format!("csr: {e}")))?;
 
         // 6. Sign in memory; kept only if the transaction below wins.
+        let plan = self.active_plan();
+        let ttls = self.ttls_for(plan.as_deref(), spiffe_id.as_str());
         let issued = self
             .ca
             .issue_x509(&X509Params {
                 spiffe_id: &spiffe_id,
                 csr: &csr,
                 now_ms: now,
-                ttl_secs: self.cfg.x509_ttl_secs,
-                dns_names: &[],
+                ttl_secs: ttls.x509,
+                dns_names: &ttls.dns_names,
             })
             .map_err(|e| {
                 tracing::error!(error = %e, "signing failed");
@@ -525,6 +587,7 @@ impl Broker {
             .field("not_after_ms", cert.not_after_ms)
             .field("jwt", !audiences.is_empty())
             .field("caller", caller.describe());
+        let audit = with_plan(audit, plan.as_deref());
 
         // 7. One durable transaction decides.
         let outcome = self
@@ -543,7 +606,7 @@ impl Broker {
                 let jwt_svid = if audiences.is_empty() {
                     None
                 } else {
-                    Some(self.mint_jwt(&spiffe_id, audiences, now)?)
+                    Some(self.mint_jwt(&spiffe_id, audiences, now, ttls.jwt)?)
                 };
                 tracing::info!(token_id, spiffe_id = %spiffe_id, serial = %cert.serial, "issued");
                 Ok(self.enrolled(cert, jwt_svid, false))
@@ -566,7 +629,7 @@ impl Broker {
         }
     }
 
-    fn check_window(&self, timestamp_ms: i64, now_ms: i64) -> Result<(), Error> {
+    pub(super) fn check_window(&self, timestamp_ms: i64, now_ms: i64) -> Result<(), Error> {
         let window_ms = self.cfg.window_secs.saturating_mul(1000);
         if now_ms.saturating_sub(timestamp_ms).saturating_abs() > window_ms {
             return Err(Error::RequestExpired {
@@ -577,13 +640,19 @@ impl Broker {
         Ok(())
     }
 
-    fn mint_jwt(&self, id: &SpiffeId, audiences: &[String], now_ms: i64) -> Result<String, Error> {
+    fn mint_jwt(
+        &self,
+        id: &SpiffeId,
+        audiences: &[String],
+        now_ms: i64,
+        ttl_secs: i64,
+    ) -> Result<String, Error> {
         self.ca
             .mint_jwt(&JwtParams {
                 spiffe_id: id,
                 audiences,
                 now_secs: now_ms.div_euclid(1000),
-                ttl_secs: self.cfg.jwt_ttl_secs,
+                ttl_secs,
             })
             .map(|m| m.token)
             .map_err(|e| {
@@ -605,7 +674,13 @@ impl Broker {
         }
     }
 
-    async fn audit_denial(&self, op: &str, e: &Error, caller: &Caller, token_id: Option<&str>) {
+    pub(super) async fn audit_denial(
+        &self,
+        op: &str,
+        e: &Error,
+        caller: &Caller,
+        token_id: Option<&str>,
+    ) {
         let now = self.clock.now_ms();
         let mut rec = AuditRecord::new(now, AuditKind::Denied, e.reason())
             .field("op", op)
@@ -638,7 +713,13 @@ impl Broker {
     ///
     /// # Errors
     /// `Unavailable`.
-    pub async fn list_audit(&self, after_seq: u64, limit: u32) -> Result<Vec<AuditRow>, Error> {
+    pub async fn list_audit(
+        &self,
+        after_seq: u64,
+        limit: u32,
+        caller: &Caller,
+    ) -> Result<Vec<AuditRow>, Error> {
+        self.authorize_admin(caller).await?;
         let limit = match limit {
             0 => 100,
             n => n.min(1000),
@@ -650,29 +731,12 @@ impl Broker {
     ///
     /// # Errors
     /// `Unavailable`.
-    pub async fn verify_audit(&self) -> Result<AuditVerdict, Error> {
-        let mut v = ChainVerifier::default();
-        let mut after = 0;
-        loop {
-            let rows = self.store.list_audit(after, 1000).await?;
-            let Some(last) = rows.last() else { break };
-            after = last.seq;
-            for r in &rows {
-                if let Err(b) = v.check(r) {
-                    return Ok(AuditVerdict {
-                        events: v.count(),
-                        broken: Some((b.seq, b.problem)),
-                    });
-                }
-            }
-        }
-        Ok(AuditVerdict {
-            events: v.count(),
-            broken: None,
-        })
+    pub async fn verify_audit(&self, caller: &Caller) -> Result<AuditVerdict, Error> {
+        self.authorize_admin(caller).await?;
+        Ok(verify_store_chain(self.store.as_ref()).await?)
     }
 
-    fn parse_own_id(&self, s: &str) -> Result<SpiffeId, Error> {
+    pub(super) fn parse_own_id(&self, s: &str) -> Result<SpiffeId, Error> {
         let id = SpiffeId::parse(s).map_err(|e| Error::Malformed(format!("spiffe_id: {e}")))?;
         if id.trust_domain() != self.cfg.trust_domain.as_str() {
             return Err(Error::Malformed(format!(
@@ -682,6 +746,34 @@ impl Broker {
         }
         Ok(id)
     }
+}
+
+/// Walks a store's whole audit chain from the genesis hash.
+///
+/// # Errors
+/// The store fails.
+pub async fn verify_store_chain(
+    store: &dyn Store,
+) -> Result<AuditVerdict, crate::store::StoreError> {
+    let mut v = ChainVerifier::default();
+    let mut after = 0;
+    loop {
+        let rows = store.list_audit(after, 1000).await?;
+        let Some(last) = rows.last() else { break };
+        after = last.seq;
+        for r in &rows {
+            if let Err(b) = v.check(r) {
+                return Ok(AuditVerdict {
+                    events: v.count(),
+                    broken: Some((b.seq, b.problem)),
+                });
+            }
+        }
+    }
+    Ok(AuditVerdict {
+        events: v.count(),
+        broken: None,
+    })
 }
 
 fn check_audiences(audiences: &[String]) -> Result<(), Error> {

@@ -5,4 +5,4 @@
 
 mod plan;
 
-pub use plan::{Entry, Limits, Plan, PlanError};
+pub use plan::{Entry, Limits, Plan, PlanError, MAX_PLAN_LEN};

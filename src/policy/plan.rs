@@ -67,9 +67,8 @@ impl Dur {
         match self {
             Dur::Secs(s) if *s > 0 => Ok(*s),
             Dur::Secs(_) => err(format!("{field}: must be positive")),
-            Dur::Text(t) => {
-                crate::config::parse_duration_secs(t).map_err(|e| PlanError(format!("{field}: {e}")))
-            }
+            Dur::Text(t) => crate::config::parse_duration_secs(t)
+                .map_err(|e| PlanError(format!("{field}: {e}"))),
         }
     }
 }
@@ -228,7 +227,8 @@ impl Plan {
             }
             let mut selectors = BTreeSet::new();
             for s in &e.selectors {
-                validate_selector(s).map_err(|m| PlanError(format!("{}: {s:?}: {m}", at("selectors"))))?;
+                validate_selector(s)
+                    .map_err(|m| PlanError(format!("{}: {s:?}: {m}", at("selectors"))))?;
                 selectors.insert(s.clone());
             }
             let x509_ttl = match &e.x509_ttl {
@@ -252,7 +252,8 @@ impl Plan {
             }
             let mut dns = BTreeSet::new();
             for d in &e.dns_names {
-                validate_dns(d).map_err(|m| PlanError(format!("{}: {d:?}: {m}", at("dns_names"))))?;
+                validate_dns(d)
+                    .map_err(|m| PlanError(format!("{}: {d:?}: {m}", at("dns_names"))))?;
                 dns.insert(d.to_ascii_lowercase());
             }
             let selectors: Vec<String> = selectors.into_iter().collect();
@@ -344,7 +345,9 @@ fn validate_dns(d: &str) -> Result<(), &'static str> {
             || label.len() > 63
             || label.starts_with('-')
             || label.ends_with('-')
-            || !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            || !label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         {
             return Err("not a DNS name");
         }

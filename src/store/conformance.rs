@@ -883,7 +883,13 @@ fn install(label: &str, nonce: &str) -> BootstrapInstall {
     }
 }
 
-fn proposal(label: &str, proposer: &str, required: u32, based_on: Option<u64>, now: i64) -> PlanProposal {
+fn proposal(
+    label: &str,
+    proposer: &str,
+    required: u32,
+    based_on: Option<u64>,
+    now: i64,
+) -> PlanProposal {
     PlanProposal {
         sha256: hex::encode(Sha256::digest(label)),
         canonical_json: format!("{{\"plan\":\"{label}\"}}"),
@@ -924,73 +930,123 @@ pub async fn plan_lifecycle(store: &dyn Store) {
         .filter(|o| matches!(o, Ok(BootstrapOutcome::Installed { .. })))
         .collect();
     assert_eq!(won.len(), 1, "{outcomes:?}");
-    assert!(outcomes
-        .iter()
-        .all(|o| matches!(o, Ok(BootstrapOutcome::Installed { .. } | BootstrapOutcome::Disabled))));
+    assert!(outcomes.iter().all(|o| matches!(
+        o,
+        Ok(BootstrapOutcome::Installed { .. } | BootstrapOutcome::Disabled)
+    )));
     let active = store.fetch_active_plan().await.unwrap().unwrap();
     assert_eq!(active.state, PlanState::Active);
     let v1 = active.version;
-    assert_eq!(store.counts().await.unwrap().plans, 1, "losers stored nothing");
+    assert_eq!(
+        store.counts().await.unwrap().plans,
+        1,
+        "losers stored nothing"
+    );
     // Replayed nonce is reported as such, fresh nonce as disabled.
     assert_eq!(
         store.bootstrap_plan(install("again", "n0")).await.unwrap(),
         BootstrapOutcome::NonceReplayed
     );
     assert_eq!(
-        store.bootstrap_plan(install("again", "fresh")).await.unwrap(),
+        store
+            .bootstrap_plan(install("again", "fresh"))
+            .await
+            .unwrap(),
         BootstrapOutcome::Disabled
     );
 
     // A proposal checked against a plan that is no longer active is stale.
     assert_eq!(
-        store.propose_plan(proposal("p2", "alice", 2, None, NOW)).await.unwrap(),
+        store
+            .propose_plan(proposal("p2", "alice", 2, None, NOW))
+            .await
+            .unwrap(),
         ProposeOutcome::Stale
     );
-    let ProposeOutcome::Pending { version: v2, approvals: 1 } =
-        store.propose_plan(proposal("p2", "alice", 2, Some(v1), NOW)).await.unwrap()
+    let ProposeOutcome::Pending {
+        version: v2,
+        approvals: 1,
+    } = store
+        .propose_plan(proposal("p2", "alice", 2, Some(v1), NOW))
+        .await
+        .unwrap()
     else {
         panic!("expected pending");
     };
     let a = |v, l: &str, who: &str| store.approve_plan(approval(v, l, who, NOW + 1));
-    assert_eq!(a(v2, "p2", "alice").await.unwrap(), ApproveOutcome::AlreadyApproved);
-    assert_eq!(a(v2, "other", "bob").await.unwrap(), ApproveOutcome::HashMismatch);
+    assert_eq!(
+        a(v2, "p2", "alice").await.unwrap(),
+        ApproveOutcome::AlreadyApproved
+    );
+    assert_eq!(
+        a(v2, "other", "bob").await.unwrap(),
+        ApproveOutcome::HashMismatch
+    );
     assert_eq!(a(999, "p2", "bob").await.unwrap(), ApproveOutcome::NotFound);
-    assert_eq!(store.fetch_active_plan().await.unwrap().unwrap().version, v1, "one admin alone cannot activate");
+    assert_eq!(
+        store.fetch_active_plan().await.unwrap().unwrap().version,
+        v1,
+        "one admin alone cannot activate"
+    );
     assert_eq!(a(v2, "p2", "bob").await.unwrap(), ApproveOutcome::Activated);
     let active = store.fetch_active_plan().await.unwrap().unwrap();
     assert_eq!(active.version, v2);
     assert_eq!(active.approvals, vec!["alice".to_owned(), "bob".to_owned()]);
-    assert_eq!(store.fetch_plan(v1).await.unwrap().unwrap().state, PlanState::Superseded);
-    assert_eq!(a(v2, "p2", "carol").await.unwrap(), ApproveOutcome::NotPending);
+    assert_eq!(
+        store.fetch_plan(v1).await.unwrap().unwrap().state,
+        PlanState::Superseded
+    );
+    assert_eq!(
+        a(v2, "p2", "carol").await.unwrap(),
+        ApproveOutcome::NotPending
+    );
 
     // Two competing proposals: activating one makes the other stale.
-    let ProposeOutcome::Pending { version: v3, .. } =
-        store.propose_plan(proposal("p3", "alice", 2, Some(v2), NOW)).await.unwrap()
+    let ProposeOutcome::Pending { version: v3, .. } = store
+        .propose_plan(proposal("p3", "alice", 2, Some(v2), NOW))
+        .await
+        .unwrap()
     else {
         panic!("expected pending");
     };
-    let ProposeOutcome::Pending { version: v4, .. } =
-        store.propose_plan(proposal("p4", "bob", 2, Some(v2), NOW)).await.unwrap()
+    let ProposeOutcome::Pending { version: v4, .. } = store
+        .propose_plan(proposal("p4", "bob", 2, Some(v2), NOW))
+        .await
+        .unwrap()
     else {
         panic!("expected pending");
     };
     assert_eq!(a(v3, "p3", "bob").await.unwrap(), ApproveOutcome::Activated);
-    assert_eq!(store.fetch_plan(v4).await.unwrap().unwrap().state, PlanState::Stale);
-    assert_eq!(a(v4, "p4", "alice").await.unwrap(), ApproveOutcome::NotPending);
+    assert_eq!(
+        store.fetch_plan(v4).await.unwrap().unwrap().state,
+        PlanState::Stale
+    );
+    assert_eq!(
+        a(v4, "p4", "alice").await.unwrap(),
+        ApproveOutcome::NotPending
+    );
 
     // Expired proposals cannot be approved.
-    let ProposeOutcome::Pending { version: v5, .. } =
-        store.propose_plan(proposal("p5", "alice", 2, Some(v3), NOW)).await.unwrap()
+    let ProposeOutcome::Pending { version: v5, .. } = store
+        .propose_plan(proposal("p5", "alice", 2, Some(v3), NOW))
+        .await
+        .unwrap()
     else {
         panic!("expected pending");
     };
     assert_eq!(
-        store.approve_plan(approval(v5, "p5", "bob", NOW + HOUR)).await.unwrap(),
+        store
+            .approve_plan(approval(v5, "p5", "bob", NOW + HOUR))
+            .await
+            .unwrap(),
         ApproveOutcome::Expired
     );
     // One required approval: the proposal activates at once.
     assert!(matches!(
-        store.propose_plan(proposal("p6", "alice", 1, Some(v3), NOW)).await.unwrap(),
+        store
+            .propose_plan(proposal("p6", "alice", 1, Some(v3), NOW))
+            .await
+            .unwrap(),
         ProposeOutcome::Activated { .. }
     ));
     all_audit(store).await;

@@ -374,7 +374,10 @@ pub trait Store: Send + Sync + 'static {
     /// ever activated → store the plan as version 1 (active), create the
     /// admin token, remember the nonce, append the audit row. Exactly one call
     /// can ever return `Installed`.
-    async fn bootstrap_plan(&self, install: BootstrapInstall) -> Result<BootstrapOutcome, StoreError>;
+    async fn bootstrap_plan(
+        &self,
+        install: BootstrapInstall,
+    ) -> Result<BootstrapOutcome, StoreError>;
 
     /// Stores a proposal (the proposer's approval counted); activates it at
     /// once when that already meets `required_approvals`. Refuses with

@@ -365,7 +365,10 @@ impl Store for SqliteStore {
         self.write(|reply| Op::PurgeExpired { now_ms, reply }).await
     }
 
-    async fn bootstrap_plan(&self, install: BootstrapInstall) -> Result<BootstrapOutcome, StoreError> {
+    async fn bootstrap_plan(
+        &self,
+        install: BootstrapInstall,
+    ) -> Result<BootstrapOutcome, StoreError> {
         self.job(move |conn, head| bootstrap_plan(conn, head, &install))
             .await
     }
@@ -383,7 +386,11 @@ impl Store for SqliteStore {
     async fn fetch_active_plan(&self) -> Result<Option<PlanRecord>, StoreError> {
         self.read(|c| {
             let v: Option<i64> = c
-                .query_row("SELECT version FROM plans WHERE state = 'active'", [], |r| r.get(0))
+                .query_row(
+                    "SELECT version FROM plans WHERE state = 'active'",
+                    [],
+                    |r| r.get(0),
+                )
                 .optional()?;
             match v {
                 Some(v) => load_plan(c, v),
@@ -1099,7 +1106,9 @@ fn load_plan(conn: &Connection, version: i64) -> Result<Option<PlanRecord>, Stor
     let state = PlanState::parse(&state)
         .ok_or_else(|| StoreError::Corrupt(format!("plan {v} has unknown state")))?;
     let approvals = conn
-        .prepare_cached("SELECT approver FROM plan_approvals WHERE version = ?1 ORDER BY at_ms, rowid")?
+        .prepare_cached(
+            "SELECT approver FROM plan_approvals WHERE version = ?1 ORDER BY at_ms, rowid",
+        )?
         .query_map([v], |r| r.get::<_, String>(0))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(Some(PlanRecord {
@@ -1145,9 +1154,20 @@ fn insert_plan(
          expires_at_ms, activated_at_ms, required_approvals) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8)",
     )?
-    .execute(params![version, sha256, json, state.as_str(), proposer, now_ms, expires_at_ms, required])?;
-    conn.prepare_cached("INSERT INTO plan_approvals (version, approver, at_ms) VALUES (?1, ?2, ?3)")?
-        .execute(params![version, proposer, now_ms])?;
+    .execute(params![
+        version,
+        sha256,
+        json,
+        state.as_str(),
+        proposer,
+        now_ms,
+        expires_at_ms,
+        required
+    ])?;
+    conn.prepare_cached(
+        "INSERT INTO plan_approvals (version, approver, at_ms) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![version, proposer, now_ms])?;
     Ok(())
 }
 
@@ -1156,8 +1176,10 @@ fn insert_plan(
 fn activate(conn: &Connection, version: i64, now_ms: i64) -> rusqlite::Result<()> {
     conn.prepare_cached("UPDATE plans SET state = 'superseded' WHERE state = 'active'")?
         .execute([])?;
-    conn.prepare_cached("UPDATE plans SET state = 'stale' WHERE state = 'pending' AND version <> ?1")?
-        .execute([version])?;
+    conn.prepare_cached(
+        "UPDATE plans SET state = 'stale' WHERE state = 'pending' AND version <> ?1",
+    )?
+    .execute([version])?;
     conn.prepare_cached(
         "UPDATE plans SET state = 'active', activated_at_ms = ?2 WHERE version = ?1",
     )?
@@ -1264,8 +1286,10 @@ fn approve_plan(
     if plan.approvals.iter().any(|x| x == &a.approver) {
         return Ok(ApproveOutcome::AlreadyApproved);
     }
-    conn.prepare_cached("INSERT INTO plan_approvals (version, approver, at_ms) VALUES (?1, ?2, ?3)")?
-        .execute(params![v, a.approver, a.now_ms])?;
+    conn.prepare_cached(
+        "INSERT INTO plan_approvals (version, approver, at_ms) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![v, a.approver, a.now_ms])?;
     append_audit(conn, head, &a.audit)?;
     let approvals = u32::try_from(plan.approvals.len() + 1).unwrap_or(u32::MAX);
     if approvals >= plan.required_approvals {
