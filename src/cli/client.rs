@@ -162,29 +162,88 @@ impl ServerCertVerifier for PinnedCaVerifier {
     }
 }
 
+/// A client certificate chain and key for mTLS, read from PEM files.
+pub struct ClientIdentity {
+    chain: Vec<CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("chain_len", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientIdentity {
+    /// Reads `svid.pem` (leaf first) and `svid.key` (PKCS#8).
+    ///
+    /// # Errors
+    /// Unreadable or malformed files (the message names the file, never its content).
+    pub fn from_files(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Self> {
+        use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
+        let chain = CertificateDer::pem_file_iter(cert)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|_| anyhow!("cannot read certificates from {}", cert.display()))?;
+        if chain.is_empty() {
+            bail!("no CERTIFICATE in {}", cert.display());
+        }
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|_| anyhow!("cannot read a private key from {}", key.display()))?;
+        Ok(Self { chain, key })
+    }
+}
+
+impl ClientIdentity {
+    /// From DER certificates (leaf first) and a PKCS#8 DER key.
+    pub fn from_der(chain: Vec<Vec<u8>>, pkcs8_key: Vec<u8>) -> Self {
+        Self {
+            chain: chain.into_iter().map(CertificateDer::from).collect(),
+            key: rustls::pki_types::PrivateKeyDer::Pkcs8(pkcs8_key.into()),
+        }
+    }
+}
+
 /// A rustls client config for `trust`, offering HTTP/2 only.
 ///
 /// # Errors
 /// Unusable roots.
 pub fn tls_config(trust: &Trust) -> anyhow::Result<ClientConfig> {
+    tls_config_with(trust, None)
+}
+
+/// Like [`tls_config`], presenting `client` for mutual TLS when given.
+///
+/// # Errors
+/// Unusable roots or client key.
+pub fn tls_config_with(
+    trust: &Trust,
+    client: Option<ClientIdentity>,
+) -> anyhow::Result<ClientConfig> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
-    let mut cfg = match trust {
+    let builder = match trust {
         Trust::Pin(pin) => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier {
                 pin: *pin,
                 provider,
-            }))
-            .with_no_client_auth(),
+            })),
         Trust::Roots(ders) => {
             let mut roots = RootCertStore::empty();
             for d in ders {
                 roots.add(CertificateDer::from(d.clone()))?;
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder.with_root_certificates(roots)
         }
+    };
+    let mut cfg = match client {
+        Some(id) => builder
+            .with_client_auth_cert(id.chain, id.key)
+            .map_err(|e| anyhow!("client certificate unusable: {e}"))?,
+        None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)

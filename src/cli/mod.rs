@@ -4,6 +4,7 @@
 
 mod client;
 mod enroll;
+mod plan;
 mod serve;
 mod token;
 
@@ -11,8 +12,12 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-pub use client::{connect_admin, connect_tls, pem_certs, spki_sha256, tls_config, Trust};
+pub use client::{
+    connect_admin, connect_tls, pem_certs, spki_sha256, tls_config, tls_config_with,
+    ClientIdentity, Trust,
+};
 pub use enroll::{new_key_and_csr, token_proof};
+pub use plan::bootstrap_payload;
 
 /// Process exit codes.
 pub mod exit {
@@ -125,9 +130,22 @@ pub enum Command {
     /// Read and verify the audit trail.
     #[command(subcommand)]
     Audit(token::AuditCmd),
+    /// Bootstrap, propose, approve, apply, show and diff plans.
+    #[command(subcommand)]
+    Plan(plan::PlanCmd),
+    /// Broker status: bootstrap mode, active plan, counts.
+    Status {
+        /// Where to ask.
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Bootstrap-secret helpers.
+    #[command(subcommand)]
+    Bootstrap(plan::BootstrapCmd),
 }
 
-/// Where the admin socket is.
+/// Where admin calls go: the local admin socket (default), or a remote
+/// broker over mutual TLS with an admin's X509-SVID (`--broker --cert --key`).
 #[derive(Debug, Clone, Args)]
 pub struct AdminTarget {
     /// Data directory of the broker (its admin socket is <data-dir>/admin.sock).
@@ -136,6 +154,22 @@ pub struct AdminTarget {
     /// Admin socket path (overrides --data-dir).
     #[arg(long, env = "SIGIL_ADMIN_SOCKET")]
     pub admin_socket: Option<PathBuf>,
+    /// Remote broker https://HOST:PORT (mTLS with --cert/--key instead of the socket).
+    #[arg(long, requires_all = ["cert", "key"])]
+    pub broker: Option<String>,
+    /// The admin's X509-SVID (PEM, leaf first), e.g. ./admin-svid/svid.pem.
+    #[arg(long, requires = "broker")]
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM), e.g. ./admin-svid/svid.key.
+    #[arg(long, requires = "broker")]
+    pub key: Option<PathBuf>,
+    /// Trust the broker whose CA key has this pin [default with --broker:
+    /// bundle.pem next to --cert].
+    #[arg(long, conflicts_with = "bundle")]
+    pub ca_pin: Option<String>,
+    /// Trust the broker through these CA certificates (PEM).
+    #[arg(long)]
+    pub bundle: Option<PathBuf>,
 }
 
 impl AdminTarget {
@@ -144,6 +178,40 @@ impl AdminTarget {
             .clone()
             .unwrap_or_else(|| self.data_dir.join("admin.sock"))
     }
+
+    /// A channel to the admin service (socket or mTLS).
+    async fn channel(&self) -> Result<tonic::transport::Channel, CliError> {
+        let (Some(broker), Some(cert), Some(key)) = (&self.broker, &self.cert, &self.key) else {
+            return client::connect_admin(self.socket())
+                .await
+                .map_err(|e| CliError::unreachable(format!("{e:#}")));
+        };
+        let trust = trust_from(self.ca_pin.as_deref(), self.bundle.as_deref(), Some(cert))?;
+        let id =
+            ClientIdentity::from_files(cert, key).map_err(|e| CliError::usage(format!("{e:#}")))?;
+        let tls =
+            tls_config_with(&trust, Some(id)).map_err(|e| CliError::usage(format!("{e:#}")))?;
+        client::connect_tls(broker, tls)
+            .await
+            .map_err(|e| CliError::unreachable(format!("cannot reach {broker}: {e:#}")))
+    }
+}
+
+/// Trust from `--ca-pin`, `--bundle`, or `bundle.pem` beside `near`.
+fn trust_from(
+    pin: Option<&str>,
+    bundle: Option<&std::path::Path>,
+    near: Option<&std::path::Path>,
+) -> Result<Trust, CliError> {
+    if let Some(p) = pin {
+        return Trust::from_pin(p).map_err(|e| CliError::usage(format!("{e:#}")));
+    }
+    let path = match (bundle, near) {
+        (Some(b), _) => b.to_path_buf(),
+        (None, Some(c)) => c.with_file_name("bundle.pem"),
+        (None, None) => return Err(CliError::usage("give --ca-pin or --bundle")),
+    };
+    Trust::from_bundle_file(&path).map_err(|e| CliError::usage(format!("{e:#}")))
 }
 
 /// Runs a parsed command line; returns the exit code.
@@ -153,6 +221,9 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Token(c) => token::run_token(c).await,
         Command::Enroll(a) => enroll::run(a).await,
         Command::Audit(c) => token::run_audit(c).await,
+        Command::Plan(c) => plan::run(c).await,
+        Command::Status { target } => plan::status(target).await,
+        Command::Bootstrap(c) => plan::run_bootstrap(c),
     };
     match result {
         Ok(()) => exit::OK,

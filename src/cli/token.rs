@@ -4,7 +4,7 @@
 
 use clap::Subcommand;
 
-use super::{client, AdminTarget, CliError};
+use super::{AdminTarget, CliError};
 use crate::api::pb::{self, admin_client::AdminClient};
 
 /// `sigil token …`
@@ -68,11 +68,11 @@ pub enum AuditCmd {
     },
 }
 
-async fn admin(target: &AdminTarget) -> Result<AdminClient<tonic::transport::Channel>, CliError> {
-    let ch = client::connect_admin(target.socket())
-        .await
-        .map_err(|e| CliError::unreachable(format!("{e:#}")))?;
-    Ok(AdminClient::new(ch))
+/// An admin client for `target` (socket or mTLS).
+pub(super) async fn admin(
+    target: &AdminTarget,
+) -> Result<AdminClient<tonic::transport::Channel>, CliError> {
+    Ok(AdminClient::new(target.channel().await?))
 }
 
 /// Runs a token verb.
@@ -103,9 +103,11 @@ pub async fn run_token(cmd: TokenCmd) -> Result<(), CliError> {
                 });
                 println!("{v}");
             } else {
-                let broker = std::fs::read_to_string(target.data_dir.join("listen.addr"))
-                    .map(|s| format!("https://{}", s.trim()))
-                    .unwrap_or_else(|_| "https://127.0.0.1:8443".to_owned());
+                let broker = target.broker.clone().unwrap_or_else(|| {
+                    std::fs::read_to_string(target.data_dir.join("listen.addr"))
+                        .map(|s| format!("https://{}", s.trim()))
+                        .unwrap_or_else(|_| "https://127.0.0.1:8443".to_owned())
+                });
                 println!("token:     {}", r.token);
                 println!("token_id:  {}", r.token_id);
                 println!("spiffe_id: {spiffe_id}");
@@ -202,27 +204,26 @@ pub async fn run_audit(cmd: AuditCmd) -> Result<(), CliError> {
             Ok(())
         }
         AuditCmd::Verify { target } => {
-            let (ok, events, broken_at, problem) =
-                match client::connect_admin(target.socket()).await {
-                    Ok(ch) => {
-                        let r = AdminClient::new(ch)
-                            .verify_audit_chain(pb::VerifyAuditChainRequest {})
-                            .await?
-                            .into_inner();
-                        (r.ok, r.events, r.broken_at, r.problem)
-                    }
-                    Err(_) => {
-                        eprintln!(
-                            "(no broker on the admin socket: reading {} directly)",
-                            target.data_dir.display()
-                        );
-                        let v = crate::server::verify_audit_offline(&target.data_dir)
-                            .await
-                            .map_err(|e| CliError::failure(format!("{e:#}")))?;
-                        let (at, p) = v.broken.clone().unwrap_or_default();
-                        (v.broken.is_none(), v.events, at, p)
-                    }
-                };
+            let (ok, events, broken_at, problem) = match target.channel().await {
+                Ok(ch) => {
+                    let r = AdminClient::new(ch)
+                        .verify_audit_chain(pb::VerifyAuditChainRequest {})
+                        .await?
+                        .into_inner();
+                    (r.ok, r.events, r.broken_at, r.problem)
+                }
+                Err(_) => {
+                    eprintln!(
+                        "(no broker on the admin socket: reading {} directly)",
+                        target.data_dir.display()
+                    );
+                    let v = crate::server::verify_audit_offline(&target.data_dir)
+                        .await
+                        .map_err(|e| CliError::failure(format!("{e:#}")))?;
+                    let (at, p) = v.broken.clone().unwrap_or_default();
+                    (v.broken.is_none(), v.events, at, p)
+                }
+            };
             if ok {
                 println!("audit chain OK: {events} events");
                 Ok(())

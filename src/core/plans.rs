@@ -297,9 +297,6 @@ impl Broker {
             },
             other => other,
         })?;
-        if self.active_plan().is_some() {
-            return Err(Error::BootstrapDisabled);
-        }
         let plan = Plan::parse(plan_bytes, &self.cfg.trust_domain)
             .map_err(|e| Error::Malformed(format!("plan: {e}")))?;
         let sha256 = plan.sha256_hex();

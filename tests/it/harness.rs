@@ -16,6 +16,7 @@ pub struct TestBroker {
     pub dir: tempfile::TempDir,
     pub clock: MockClock,
     pub running: Option<Running>,
+    tweak: fn(&mut Config),
 }
 
 impl TestBroker {
@@ -26,19 +27,26 @@ impl TestBroker {
     }
 
     pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: fn(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let clock = MockClock::starting_now();
         let mut b = Self {
             dir,
             clock,
             running: None,
+            tweak,
         };
         b.boot().await;
         b
     }
 
     async fn boot(&mut self) {
-        let running = server::start(self.config(), Arc::new(self.clock.clone()))
+        let mut cfg = self.config();
+        (self.tweak)(&mut cfg);
+        let running = server::start(cfg, Arc::new(self.clock.clone()))
             .await
             .expect("server starts");
         self.running = Some(running);
@@ -67,6 +75,58 @@ impl TestBroker {
             .await
             .unwrap();
         IdentityClient::new(ch)
+    }
+
+    /// A TLS channel presenting a client certificate (mTLS).
+    pub async fn mtls(&self, chain: Vec<Vec<u8>>, key_pkcs8: Vec<u8>) -> Channel {
+        let trust = sigil::cli::Trust::from_pin(&self.running().ca_pin).unwrap();
+        let id = sigil::cli::ClientIdentity::from_der(chain, key_pkcs8);
+        sigil::cli::connect_tls(
+            &self.url(),
+            sigil::cli::tls_config_with(&trust, Some(id)).unwrap(),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// A TLS channel without a client certificate.
+    pub async fn tls(&self) -> Channel {
+        let trust = sigil::cli::Trust::from_pin(&self.running().ca_pin).unwrap();
+        sigil::cli::connect_tls(&self.url(), sigil::cli::tls_config(&trust).unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// Enrolls `token` with a fresh key; returns (chain DER, PKCS#8 key DER).
+    pub async fn enroll_with_token(&self, token: &str) -> (Vec<Vec<u8>>, Vec<u8>) {
+        let (id, secret) = token::parse_token(token).unwrap();
+        let (key, csr) = key_and_csr();
+        let r = self
+            .identity()
+            .await
+            .enroll(enroll_req(&id, &secret, &csr, self.now_ms(), &[]))
+            .await
+            .unwrap()
+            .into_inner();
+        (r.x509_svid_chain, key.serialize_der())
+    }
+
+    /// The generated bootstrap secret of this broker.
+    pub fn bootstrap_secret(&self) -> Vec<u8> {
+        let text = std::fs::read(self.data_dir().join("bootstrap_secret")).unwrap();
+        sigil::server::decode_bootstrap(&text, "test")
+            .unwrap()
+            .expose()
+            .to_vec()
+    }
+
+    /// The generated bootstrap secret file's value, or empty when none was generated.
+    pub fn bootstrap_secret_or_empty(&self) -> Vec<u8> {
+        if self.data_dir().join("bootstrap_secret").exists() {
+            self.bootstrap_secret()
+        } else {
+            vec![0u8; 32]
+        }
     }
 
     pub async fn admin(&self) -> AdminClient<Channel> {

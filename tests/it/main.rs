@@ -3,3 +3,4 @@
 mod cli;
 mod enroll;
 mod harness;
+mod plans;
