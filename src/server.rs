@@ -127,9 +127,10 @@ fn load_token_key(cfg: &Config) -> anyhow::Result<TokenKey> {
 /// Name of the generated bootstrap secret file in the data dir.
 pub const BOOTSTRAP_SECRET_FILE: &str = "bootstrap_secret";
 
-/// Bootstrap secret precedence (issue #3): `SIGIL_BOOTSTRAP_SECRET` (base64)
-/// > `--bootstrap-secret-file` (base64 text, 0600) > generated into
-/// `<data-dir>/bootstrap_secret` (0600) — unless an external one is required.
+/// Bootstrap secret precedence (issue #3): first `SIGIL_BOOTSTRAP_SECRET`
+/// (base64), then `--bootstrap-secret-file` (base64 text, 0600), then one
+/// generated into `<data-dir>/bootstrap_secret` (0600) — unless an external
+/// one is required.
 fn load_bootstrap_secret(cfg: &Config) -> anyhow::Result<(Option<Secret>, &'static str)> {
     if let Some(b64) = &cfg.bootstrap_secret_env {
         return Ok((
