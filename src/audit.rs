@@ -35,6 +35,12 @@ pub enum AuditKind {
     PlanApproved,
     /// A plan became the active plan.
     PlanActivated,
+    /// An X509-SVID was renewed over mTLS.
+    Renewed,
+    /// An identity, certificate, node or JWT was revoked.
+    Revoked,
+    /// The CA/JWT key generation changed (scheduled or forced).
+    CaRotated,
 }
 
 impl AuditKind {
@@ -50,6 +56,9 @@ impl AuditKind {
             Self::PlanProposed => "plan_proposed",
             Self::PlanApproved => "plan_approved",
             Self::PlanActivated => "plan_activated",
+            Self::Renewed => "renewed",
+            Self::Revoked => "revoked",
+            Self::CaRotated => "ca_rotated",
         }
     }
 }

@@ -200,3 +200,102 @@ mod tests {
         assert!(TrustDomain::parse(&"a".repeat(256)).is_err());
     }
 }
+
+/// Property tests: the SPIFFE parsers never panic, valid IDs round-trip
+/// through `Display`, and one forbidden character anywhere is refused.
+#[cfg(test)]
+mod proptests {
+    use proptest::{collection::vec, prelude::*};
+
+    use super::*;
+
+    fn trust_domain() -> impl Strategy<Value = String> {
+        "[a-z0-9._-]{1,60}"
+    }
+
+    fn segment() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9._-]{1,20}".prop_filter("not . or ..", |s| s != "." && s != "..")
+    }
+
+    fn valid_id() -> impl Strategy<Value = (String, Vec<String>)> {
+        (trust_domain(), vec(segment(), 1..8))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn parsers_never_panic(s in any::<String>()) {
+            let _ = SpiffeId::parse(&s);
+            let _ = TrustDomain::parse(&s);
+        }
+
+        #[test]
+        fn parsers_never_panic_on_near_misses(s in "(spiffe://)?[a-zA-Z0-9._:@%?#/ \\\\-]{0,60}") {
+            if let Ok(id) = SpiffeId::parse(&s) {
+                prop_assert_eq!(id.to_string(), s.clone());
+            }
+            if let Ok(td) = TrustDomain::parse(&s) {
+                prop_assert_eq!(TrustDomain::parse(&td.id_string()), Ok(td));
+            }
+        }
+
+        #[test]
+        fn valid_ids_round_trip((td, segs) in valid_id()) {
+            let path = format!("/{}", segs.join("/"));
+            let s = format!("spiffe://{td}{path}");
+            let id = SpiffeId::parse(&s).unwrap();
+            prop_assert_eq!(id.to_string(), s.clone());
+            prop_assert_eq!(id.as_str(), s.as_str());
+            prop_assert_eq!(id.trust_domain(), td.as_str());
+            prop_assert_eq!(id.path(), path.as_str());
+            prop_assert_eq!(SpiffeId::parse(&id.to_string()), Ok(id.clone()));
+            let parsed_td = TrustDomain::parse(&td).unwrap();
+            prop_assert_eq!(parsed_td.to_string(), td.clone());
+            prop_assert_eq!(TrustDomain::parse(&parsed_td.id_string()), Ok(parsed_td));
+        }
+
+        #[test]
+        fn one_forbidden_character_is_refused(
+            (td, segs) in valid_id(),
+            bad in prop_oneof![
+                Just('%'), Just('?'), Just('#'), Just(':'), Just('@'), Just(' '),
+                Just('\\'), Just('é'), Just('\u{0}'), Just('+'), Just('~'),
+            ],
+            seg_pick in any::<usize>(),
+            at in any::<usize>(),
+        ) {
+            let mut segs = segs;
+            let i = seg_pick % segs.len();
+            let mut chars: Vec<char> = segs[i].chars().collect();
+            let at = at % (chars.len() + 1);
+            chars.insert(at, bad);
+            segs[i] = chars.into_iter().collect();
+            let s = format!("spiffe://{td}/{}", segs.join("/"));
+            prop_assert!(SpiffeId::parse(&s).is_err(), "{:?}", s);
+        }
+
+        #[test]
+        fn uppercase_or_foreign_trust_domain_is_refused(
+            td in "[a-z0-9]{0,10}[A-Z:@ %][a-z0-9]{0,10}",
+            seg in segment(),
+        ) {
+            let id = format!("spiffe://{td}/{seg}");
+            prop_assert!(TrustDomain::parse(&td).is_err());
+            prop_assert!(SpiffeId::parse(&id).is_err());
+        }
+
+        #[test]
+        fn empty_dot_and_trailing_segments_are_refused(
+            (td, segs) in valid_id(),
+            bad in prop_oneof![Just(""), Just("."), Just("..")],
+            at in any::<usize>(),
+        ) {
+            let mut segs = segs;
+            let at = at % (segs.len() + 1);
+            segs.insert(at, bad.to_owned());
+            let s = format!("spiffe://{td}/{}", segs.join("/"));
+            prop_assert_eq!(SpiffeId::parse(&s), Err(IdError::PathSegment), "{}", s);
+        }
+    }
+}

@@ -23,6 +23,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod attest;
 pub mod ca;
 pub mod cli;
 pub mod clock;
@@ -33,4 +34,5 @@ pub mod policy;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod token;

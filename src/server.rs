@@ -17,15 +17,16 @@ use anyhow::{bail, Context};
 use base64::Engine;
 use tokio::{net::UnixListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::UnixListenerStream;
-use tonic::transport::{server::TcpIncoming, Identity as TlsIdentity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::{
     api::{pb, AdminApi, IdentityApi},
-    ca::{Ca, CaOptions},
+    ca::ring::{Authority, RingOptions},
     clock::Clock,
     config::Config,
     core::{Broker, BrokerConfig, BrokerSecrets},
     secret::{self, Secret},
+    tls::{DynamicTls, TlsMaterial},
     store::{
         sqlite::{SqliteOptions, SqliteStore},
         Store,
@@ -33,8 +34,10 @@ use crate::{
     token::TokenKey,
 };
 
-/// How often expired nonces are purged.
-const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// How often the maintenance task runs (rotation schedule, purge, CRLs).
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(30);
+/// A TLS handshake must complete within this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for in-flight calls.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
@@ -193,17 +196,6 @@ fn token_key_from(s: Secret, what: &str) -> anyhow::Result<TokenKey> {
     Ok(TokenKey::new(s))
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(chunk));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
-}
-
 /// Builds everything and starts serving. Returns once both listeners are bound.
 ///
 /// # Errors
@@ -212,17 +204,17 @@ fn pem(label: &str, der: &[u8]) -> String {
 pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
     prepare_data_dir(&cfg.data_dir)?;
     let token_key = load_token_key(&cfg)?;
-    let (ca, created) = Ca::load_or_create(
+    let (authority, created) = Authority::load_or_create(
         &cfg.data_dir,
         &cfg.trust_domain,
         clock.now_ms(),
-        CaOptions::default(),
+        RingOptions::default(),
     )
     .context("load CA")?;
     if created {
-        tracing::info!(ca_pin = ca.ca_pin(), "generated a new CA");
+        tracing::info!(ca_pin = authority.active().ca_pin(), "generated a new CA");
     }
-    let ca = Arc::new(ca);
+    let authority = Arc::new(authority);
     let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(
             &cfg.data_dir.join("sigil.db"),
@@ -242,7 +234,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         Broker::new(
             bcfg,
             store.clone(),
-            ca.clone(),
+            authority.clone(),
             BrokerSecrets {
                 token_key,
                 bootstrap,
@@ -254,7 +246,8 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         .map_err(|e| anyhow::anyhow!("load broker state: {e}"))?,
     );
 
-    // TLS serving identity, signed by our CA; clients pin the CA key.
+    // TLS serving identity, signed by the active CA; clients pin the CA key.
+    // Client certificates are optional and may come from any published CA.
     let mut sans = vec![
         "localhost".to_owned(),
         "127.0.0.1".to_owned(),
@@ -265,18 +258,12 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     }
     sans.extend(cfg.sans.iter().cloned());
     sans.dedup();
-    let (leaf, key) = ca
-        .serving_cert(&sans, clock.now_ms())
-        .context("serving certificate")?;
-    let cert_pem = pem("CERTIFICATE", &leaf) + &pem("CERTIFICATE", ca.ca_cert_der());
-    let key_pem = zeroize::Zeroizing::new(pem("PRIVATE KEY", key.expose()));
-    // Client certificates are optional: workloads enroll without one; admins
-    // (and later renewals) present an X509-SVID of this CA.
-    let tls = ServerTlsConfig::new()
-        .identity(TlsIdentity::from_pem(cert_pem, key_pem.as_bytes()))
-        .client_ca_root(tonic::transport::Certificate::from_pem(ca.ca_cert_pem()))
-        .client_auth_optional(true)
-        .timeout(Duration::from_secs(10));
+    let tls = Arc::new(DynamicTls::new(
+        authority.clone(),
+        tls_material(&broker, &sans, clock.now_ms())?,
+    )?);
+    tls.set_grace_secs(plan_grace(&broker));
+    write_crl(&cfg.data_dir, &broker);
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -298,7 +285,6 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
 
     let (stop, stop_rx) = watch::channel(false);
     let public = Server::builder()
-        .tls_config(tls)?
         .timeout(Duration::from_secs(30))
         .max_concurrent_streams(256)
         .http2_max_header_list_size(16 * 1024)
@@ -308,7 +294,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         .add_service(IdentityApi::new(broker.clone()).into_service())
         .add_service(AdminApi::public(broker.clone()).into_service())
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            crate::tls::incoming(listener, tls.clone(), HANDSHAKE_TIMEOUT),
             wait_stop(stop_rx.clone()),
         );
     let admin = Server::builder()
@@ -319,21 +305,40 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
             wait_stop(stop_rx.clone()),
         );
 
-    let purge_store = store.clone();
-    let purge_clock = clock.clone();
-    let mut purge_stop = stop_rx.clone();
+    let m_broker = broker.clone();
+    let m_clock = clock.clone();
+    let m_tls = tls.clone();
+    let m_dir = cfg.data_dir.clone();
+    let mut m_stop = stop_rx.clone();
+    let mut bundle_rx = broker.watch_bundle();
     let purger = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(PURGE_INTERVAL);
+        let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    match purge_store.purge_expired(purge_clock.now_ms()).await {
-                        Ok(n) if n > 0 => tracing::debug!(purged = n, "expired nonces purged"),
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "nonce purge failed"),
+                    if let Err(e) = m_broker.maintain().await {
+                        tracing::warn!(error = %e, "maintenance failed");
                     }
+                    m_tls.set_grace_secs(plan_grace(&m_broker));
+                    write_crl(&m_dir, &m_broker);
                 }
-                _ = purge_stop.changed() => break,
+                changed = bundle_rx.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    // New CA generation: re-issue the serving certificate and
+                    // trust every published CA for client certificates.
+                    match tls_material(&m_broker, &sans, m_clock.now_ms()) {
+                        Ok(m) => {
+                            if let Err(e) = m_tls.update(m) {
+                                tracing::error!(error = %e, "TLS update failed");
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, "serving certificate failed"),
+                    }
+                    write_crl(&m_dir, &m_broker);
+                }
+                _ = m_stop.changed() => break,
             }
         }
     });
@@ -365,17 +370,47 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         listen = %addr,
         admin_socket = %cfg.admin_socket.display(),
         store = "sqlite",
-        ca_pin = ca.ca_pin(),
+        ca_pin = %broker.ca_pin(),
         "sigil serving"
     );
     Ok(Running {
         addr,
         admin_socket: cfg.admin_socket.clone(),
-        ca_pin: ca.ca_pin().to_owned(),
+        ca_pin: broker.ca_pin(),
         broker,
         stop,
         task,
     })
+}
+
+/// Serving certificate from the serving generation (the oldest one still
+/// published and not merely prepared): clients holding an older bundle keep
+/// connecting through a whole rotation overlap.
+fn tls_material(broker: &Broker, sans: &[String], now_ms: i64) -> anyhow::Result<TlsMaterial> {
+    let view = broker.authority().view();
+    let ca = view.serving();
+    let (leaf, key) = ca.serving_cert(sans, now_ms).context("serving certificate")?;
+    Ok(TlsMaterial {
+        chain: vec![leaf, ca.ca_cert_der().to_vec()],
+        key_pkcs8: key,
+    })
+}
+
+fn plan_grace(broker: &Broker) -> i64 {
+    broker
+        .active_plan()
+        .map_or(0, |p| p.plan.limits.renewal_grace)
+}
+
+/// Writes the active generation's CRL to `<data-dir>/crl.der` (atomically).
+fn write_crl(dir: &Path, broker: &Broker) {
+    let crls = broker.crls();
+    let Some(active) = crls.first() else { return };
+    let tmp = dir.join("crl.der.tmp");
+    let res = fs::write(&tmp, active).and_then(|()| fs::rename(&tmp, dir.join("crl.der")));
+    if let Err(e) = res {
+        tracing::warn!(error = %e, "could not write crl.der");
+    }
 }
 
 async fn wait_stop(mut rx: watch::Receiver<bool>) {

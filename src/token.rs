@@ -365,3 +365,174 @@ mod tests {
         );
     }
 }
+
+/// Property tests: the token and payload parsers never panic, and what the
+/// client side builds is exactly what the broker side reads back.
+#[cfg(test)]
+mod proptests {
+    use proptest::{collection::vec, prelude::*};
+
+    use super::*;
+
+    /// A base64url nonce of `MIN_NONCE_LEN..=MAX_NONCE_LEN` random bytes.
+    fn valid_nonce() -> impl Strategy<Value = String> {
+        vec(any::<u8>(), MIN_NONCE_LEN..=MAX_NONCE_LEN).prop_map(|b| URL_SAFE_NO_PAD.encode(b))
+    }
+
+    /// JSON-ish text: objects of our field names with assorted values, so
+    /// the parser is driven past the "not JSON" exit.
+    fn jsonish() -> impl Strategy<Value = String> {
+        let key = prop_oneof![
+            Just("action"),
+            Just("token_id"),
+            Just("timestamp"),
+            Just("nonce"),
+            Just("csr_sha256"),
+            Just("x"),
+        ];
+        let value = prop_oneof![
+            "-?[0-9]{1,25}(\\.[0-9]{1,3})?(e[0-9]{1,3})?",
+            "\"([ -~]|\\\\u[0-9a-fA-F]{4}|\\\\[nrt\"\\\\/])*\"",
+            Just("null".to_owned()),
+            Just("true".to_owned()),
+            Just("[]".to_owned()),
+            Just("{}".to_owned()),
+        ];
+        vec((key, value), 0..8).prop_map(|kvs| {
+            let body: Vec<String> = kvs.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+            format!("{{{}}}", body.join(","))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn payload_parse_never_panics_on_bytes(bytes in vec(any::<u8>(), 0..MAX_PAYLOAD_LEN + 64)) {
+            let _ = EnrollPayload::parse(&bytes);
+            let _ = parse_json::<serde_json::Value>(&bytes);
+        }
+
+        #[test]
+        fn payload_parse_never_panics_on_jsonish_text(text in jsonish()) {
+            if let Ok(p) = EnrollPayload::parse(text.as_bytes()) {
+                prop_assert_eq!(EnrollPayload::parse(&p.to_bytes()), Ok(p));
+            }
+        }
+
+        #[test]
+        fn valid_payload_round_trips(
+            token_id in "[0-9a-f]{32}",
+            timestamp in any::<i64>(),
+            nonce in valid_nonce(),
+            csr_sha256 in "[0-9a-f]{64}",
+        ) {
+            let p = EnrollPayload {
+                action: ACTION_ENROLL.to_owned(),
+                token_id,
+                timestamp,
+                nonce,
+                csr_sha256,
+            };
+            let bytes = p.to_bytes();
+            prop_assert!(bytes.len() <= MAX_PAYLOAD_LEN);
+            let back = EnrollPayload::parse(&bytes).unwrap();
+            prop_assert!(is_valid_token_id(&back.token_id));
+            prop_assert_eq!(normalize_nonce(&back.nonce), Ok(back.nonce.clone()));
+            prop_assert_eq!(back, p);
+        }
+
+        #[test]
+        fn any_string_fields_round_trip_while_small_enough(
+            action in any::<String>(),
+            token_id in any::<String>(),
+            timestamp in any::<i64>(),
+            nonce in any::<String>(),
+            csr_sha256 in any::<String>(),
+        ) {
+            let p = EnrollPayload { action, token_id, timestamp, nonce, csr_sha256 };
+            let bytes = p.to_bytes();
+            if bytes.len() <= MAX_PAYLOAD_LEN {
+                prop_assert_eq!(EnrollPayload::parse(&bytes), Ok(p));
+            } else {
+                prop_assert!(EnrollPayload::parse(&bytes).is_err());
+            }
+        }
+
+        #[test]
+        fn parse_token_never_panics(s in any::<String>()) {
+            if let Ok((id, _)) = parse_token(&s) {
+                prop_assert!(is_valid_token_id(&id));
+            }
+        }
+
+        #[test]
+        fn minted_tokens_parse_back_under_any_key(
+            key in vec(any::<u8>(), 0..100),
+            pad in "[ \t\n]{0,3}",
+        ) {
+            let k = TokenKey::new(Secret::new(key));
+            let t = k.mint();
+            let (id, secret) = parse_token(&format!("{pad}{}{pad}", t.token_string())).unwrap();
+            prop_assert_eq!(&id, &t.token_id);
+            prop_assert_eq!(secret.to_hex(), k.derive_secret(&id).to_hex());
+        }
+
+        #[test]
+        fn token_strings_with_a_bad_part_are_refused(
+            id in "[0-9a-fA-Z]{0,40}",
+            secret in "[0-9a-fg]{0,70}",
+        ) {
+            let ok_shape = is_valid_token_id(&id)
+                && secret.len() == 64
+                && secret.bytes().all(|b| b.is_ascii_hexdigit());
+            let token = format!("{id}.{secret}");
+            prop_assert_eq!(parse_token(&token).is_ok(), ok_shape);
+        }
+
+        #[test]
+        fn normalize_nonce_never_panics_and_is_idempotent(s in any::<String>()) {
+            if let Ok(n) = normalize_nonce(&s) {
+                let raw = URL_SAFE_NO_PAD.decode(&n).unwrap();
+                prop_assert!((MIN_NONCE_LEN..=MAX_NONCE_LEN).contains(&raw.len()));
+                prop_assert_eq!(normalize_nonce(&n), Ok(n.clone()));
+            }
+        }
+
+        #[test]
+        fn nonce_length_bounds(raw in vec(any::<u8>(), 0..100), padded in any::<bool>()) {
+            let text = if padded {
+                base64::engine::general_purpose::URL_SAFE.encode(&raw)
+            } else {
+                URL_SAFE_NO_PAD.encode(&raw)
+            };
+            let in_range = (MIN_NONCE_LEN..=MAX_NONCE_LEN).contains(&raw.len());
+            prop_assert_eq!(normalize_nonce(&text).is_ok(), in_range);
+            if in_range {
+                prop_assert_eq!(normalize_nonce(&text).unwrap(), URL_SAFE_NO_PAD.encode(&raw));
+            }
+        }
+
+        #[test]
+        fn hmac_rejects_any_flipped_bit(
+            key in vec(any::<u8>(), 1..64),
+            payload in vec(any::<u8>(), 1..256),
+            at in any::<usize>(),
+            bit in 0u8..8,
+            in_signature in any::<bool>(),
+        ) {
+            let sig = hmac_sign(&key, &payload);
+            prop_assert!(hmac_verify(&key, &payload, &sig));
+            let (mut p, mut s) = (payload.clone(), sig.clone());
+            if in_signature {
+                let i = at % s.len();
+                s[i] ^= 1 << bit;
+            } else {
+                let i = at % p.len();
+                p[i] ^= 1 << bit;
+            }
+            prop_assert!(!hmac_verify(&key, &p, &s));
+            prop_assert!(!hmac_verify(&key, &payload, &sig[..sig.len() - 1]));
+        }
+    }
+}

@@ -65,14 +65,7 @@ impl pb::identity_server::Identity for IdentityApi {
                 &caller,
             )
             .await?;
-        Ok(Response::new(pb::EnrollResponse {
-            spiffe_id: out.spiffe_id,
-            x509_svid_chain: out.chain,
-            trust_bundle: out.trust_bundle,
-            jwt_svid: out.jwt_svid.unwrap_or_default(),
-            expires_at: out.expires_at,
-            retried: out.retried,
-        }))
+        Ok(Response::new(enroll_response(out)))
     }
 
     #[tracing::instrument(skip_all, name = "GetBundle")]
@@ -80,13 +73,99 @@ impl pb::identity_server::Identity for IdentityApi {
         &self,
         _request: Request<pb::GetBundleRequest>,
     ) -> Result<Response<pb::GetBundleResponse>, Status> {
-        let b = self.broker.bundle();
-        Ok(Response::new(pb::GetBundleResponse {
-            trust_domain: b.trust_domain,
-            x509_authorities: b.x509_authorities,
-            spiffe_bundle_json: b.spiffe_bundle_json,
-            sequence: b.sequence,
+        Ok(Response::new(bundle_response(&self.broker)))
+    }
+
+    #[tracing::instrument(skip_all, name = "Renew")]
+    async fn renew(
+        &self,
+        request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let caller = caller::public_caller(&request);
+        let r = request.into_inner();
+        let out = self
+            .broker
+            .renew(&r.csr, &r.jwt_audiences, &caller)
+            .await?;
+        Ok(Response::new(enroll_response(out)))
+    }
+
+    #[tracing::instrument(skip_all, name = "FetchJWT")]
+    async fn fetch_jwt(
+        &self,
+        request: Request<pb::FetchJwtRequest>,
+    ) -> Result<Response<pb::FetchJwtResponse>, Status> {
+        let caller = caller::public_caller(&request);
+        let r = request.into_inner();
+        let j = self
+            .broker
+            .fetch_jwt(&r.audiences, r.ttl_seconds, &caller)
+            .await?;
+        Ok(Response::new(pb::FetchJwtResponse {
+            jwt_svid: j.token,
+            expires_at: j.expires_at,
         }))
+    }
+
+    #[tracing::instrument(skip_all, name = "ValidateJWT")]
+    async fn validate_jwt(
+        &self,
+        request: Request<pb::ValidateJwtRequest>,
+    ) -> Result<Response<pb::ValidateJwtResponse>, Status> {
+        let r = request.into_inner();
+        let v = self.broker.validate_jwt(&r.token, &r.audience)?;
+        Ok(Response::new(pb::ValidateJwtResponse {
+            spiffe_id: v.spiffe_id,
+            claims_json: v.claims_json,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, name = "GetCrl")]
+    async fn get_crl(
+        &self,
+        _request: Request<pb::GetCrlRequest>,
+    ) -> Result<Response<pb::GetCrlResponse>, Status> {
+        Ok(Response::new(pb::GetCrlResponse {
+            crls: self.broker.crls().as_ref().clone(),
+        }))
+    }
+
+    type WatchBundleStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::GetBundleResponse, Status>> + Send>,
+    >;
+
+    #[tracing::instrument(skip_all, name = "WatchBundle")]
+    async fn watch_bundle(
+        &self,
+        _request: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<Self::WatchBundleStream>, Status> {
+        use tokio_stream::StreamExt;
+        let broker = self.broker.clone();
+        // WatchStream yields the current value first, then every change.
+        let stream = tokio_stream::wrappers::WatchStream::new(self.broker.watch_bundle())
+            .map(move |_| Ok(bundle_response(&broker)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn bundle_response(broker: &Broker) -> pb::GetBundleResponse {
+    let b = broker.bundle();
+    pb::GetBundleResponse {
+        trust_domain: b.trust_domain,
+        x509_authorities: b.x509_authorities,
+        spiffe_bundle_json: b.spiffe_bundle_json,
+        sequence: b.sequence,
+    }
+}
+
+fn enroll_response(out: crate::core::Enrolled) -> pb::EnrollResponse {
+    pb::EnrollResponse {
+        spiffe_id: out.spiffe_id,
+        x509_svid_chain: out.chain,
+        trust_bundle: out.trust_bundle,
+        jwt_svid: out.jwt_svid.unwrap_or_default(),
+        expires_at: out.expires_at,
+        retried: out.retried,
     }
 }
 
@@ -312,6 +391,68 @@ impl pb::admin_server::Admin for AdminApi {
             audit_events: s.counts.audit,
             bootstrap_secret: s.bootstrap_secret,
         }))
+    }
+    #[tracing::instrument(skip_all, name = "RevokeIdentity")]
+    async fn revoke_identity(
+        &self,
+        request: Request<pb::RevokeIdentityRequest>,
+    ) -> Result<Response<pb::RevokeIdentityResponse>, Status> {
+        let caller = self.caller(&request);
+        let r = request.into_inner();
+        let rec = self
+            .broker
+            .revoke_identity(&r.kind, &r.value, &r.reason, &caller)
+            .await?;
+        let pb = revocation_pb(rec);
+        Ok(Response::new(pb::RevokeIdentityResponse {
+            revoked_at: pb.revoked_at,
+            expires_at: pb.expires_at,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, name = "ListRevocations")]
+    async fn list_revocations(
+        &self,
+        request: Request<pb::ListRevocationsRequest>,
+    ) -> Result<Response<pb::ListRevocationsResponse>, Status> {
+        let caller = self.caller(&request);
+        let revocations = self
+            .broker
+            .list_revocations(&caller)
+            .await?
+            .into_iter()
+            .map(revocation_pb)
+            .collect();
+        Ok(Response::new(pb::ListRevocationsResponse { revocations }))
+    }
+
+    #[tracing::instrument(skip_all, name = "RotateAuthority")]
+    async fn rotate_authority(
+        &self,
+        request: Request<pb::RotateAuthorityRequest>,
+    ) -> Result<Response<pb::RotateAuthorityResponse>, Status> {
+        let caller = self.caller(&request);
+        let r = request.into_inner();
+        let v = self
+            .broker
+            .rotate(r.revoke_old, r.prepare_only, &caller)
+            .await?;
+        Ok(Response::new(pb::RotateAuthorityResponse {
+            old_generation: v.old,
+            new_generation: v.new,
+            bundle_sequence: v.sequence,
+            activated: v.activated,
+        }))
+    }
+}
+
+fn revocation_pb(r: crate::store::RevocationRecord) -> pb::Revocation {
+    pb::Revocation {
+        kind: r.kind.as_str().to_owned(),
+        value: r.value,
+        revoked_at: r.revoked_at_ms.div_euclid(1000),
+        expires_at: r.expires_at_ms.map_or(0, |e| e.div_euclid(1000)),
+        reason: r.reason,
     }
 }
 

@@ -20,7 +20,8 @@ pub fn code_for(e: &Error) -> Code {
         | Error::InvalidBootstrapSignature
         | Error::RequestExpired { .. }
         | Error::BootstrapRequestExpired { .. }
-        | Error::NonceReplayed => Code::Unauthenticated,
+        | Error::NonceReplayed
+        | Error::JwtInvalid(_) => Code::Unauthenticated,
         Error::TokenUnknown
         | Error::TokenExpired
         | Error::TokenAlreadyUsed

@@ -450,3 +450,161 @@ pub(crate) mod tests {
         }
     }
 }
+
+/// Property tests: `verify_csr` never panics, and a CSR whose signature or
+/// key was touched never verifies (so no one gets a certificate for a key
+/// they cannot sign with).
+#[cfg(test)]
+mod proptests {
+    use std::sync::OnceLock;
+
+    use proptest::{collection::vec, prelude::*, sample::Index};
+    use rcgen::{RsaKeySize, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, PKCS_ED25519};
+
+    use super::{tests::csr_for, *};
+
+    /// A valid CSR and where its parts sit in the DER.
+    struct Fixture {
+        der: Vec<u8>,
+        spki: Vec<u8>,
+        /// Byte range of the public key BIT STRING contents.
+        key: std::ops::Range<usize>,
+        /// Byte range of the signature BIT STRING contents.
+        sig: std::ops::Range<usize>,
+    }
+
+    fn range_of(der: &[u8], part: &[u8]) -> std::ops::Range<usize> {
+        let at = der
+            .windows(part.len())
+            .position(|w| w == part)
+            .expect("part occurs in the DER");
+        at..at + part.len()
+    }
+
+    /// One CSR per key type we certify, made once (RSA key generation is slow).
+    fn fixtures() -> &'static [Fixture] {
+        static F: OnceLock<Vec<Fixture>> = OnceLock::new();
+        F.get_or_init(|| {
+            let keys = [
+                rcgen::KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap(),
+                rcgen::KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384).unwrap(),
+                rcgen::KeyPair::generate_for(&PKCS_ED25519).unwrap(),
+                rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_2048)
+                    .unwrap(),
+            ];
+            keys.iter()
+                .map(|k| {
+                    let der = csr_for(k);
+                    let (spki, key, sig) = {
+                        let (_, csr) = X509CertificationRequest::from_der(&der).unwrap();
+                        let info = &csr.certification_request_info;
+                        (
+                            info.subject_pki.raw.to_vec(),
+                            range_of(&der, &info.subject_pki.subject_public_key.data),
+                            range_of(&der, &csr.signature_value.data),
+                        )
+                    };
+                    Fixture {
+                        der,
+                        spki,
+                        key,
+                        sig,
+                    }
+                })
+                .collect()
+        })
+    }
+
+    fn fixture(i: &Index) -> &'static Fixture {
+        let f = fixtures();
+        &f[i.index(f.len())]
+    }
+
+    /// How to damage a DER blob.
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        Xor(Index, u8),
+        Truncate(Index),
+        Insert(Index, u8),
+        Remove(Index),
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            (any::<Index>(), 1u8..).prop_map(|(i, x)| Mutation::Xor(i, x)),
+            any::<Index>().prop_map(Mutation::Truncate),
+            (any::<Index>(), any::<u8>()).prop_map(|(i, b)| Mutation::Insert(i, b)),
+            any::<Index>().prop_map(Mutation::Remove),
+        ]
+    }
+
+    fn apply(der: &[u8], muts: &[Mutation]) -> Vec<u8> {
+        let mut d = der.to_vec();
+        for m in muts {
+            if d.is_empty() {
+                break;
+            }
+            match m {
+                Mutation::Xor(i, x) => {
+                    let i = i.index(d.len());
+                    d[i] ^= x;
+                }
+                Mutation::Truncate(i) => d.truncate(i.index(d.len())),
+                Mutation::Insert(i, b) => d.insert(i.index(d.len() + 1), *b),
+                Mutation::Remove(i) => {
+                    d.remove(i.index(d.len()));
+                }
+            }
+        }
+        d
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(prefix in vec(any::<u8>(), 0..8), bytes in vec(any::<u8>(), 0..1024)) {
+            // A SEQUENCE header first gets past the very first check more often.
+            let mut der = vec![0x30, 0x82];
+            der.extend(prefix);
+            der.extend(&bytes);
+            let _ = verify_csr(&der);
+            let _ = verify_csr(&bytes);
+        }
+
+        #[test]
+        fn mutated_csrs_never_panic_and_only_ever_certify_the_signing_key(
+            f in any::<Index>(),
+            muts in vec(mutation(), 1..4),
+        ) {
+            let f = fixture(&f);
+            let der = apply(&f.der, &muts);
+            if let Ok(v) = verify_csr(&der) {
+                prop_assert_eq!(v.spki_der(), f.spki.as_slice());
+            }
+        }
+
+        #[test]
+        fn a_changed_signature_byte_never_verifies(f in any::<Index>(), at in any::<Index>(), x in 1u8..) {
+            let f = fixture(&f);
+            let mut der = f.der.clone();
+            der[f.sig.start + at.index(f.sig.len())] ^= x;
+            prop_assert!(verify_csr(&der).is_err());
+        }
+
+        #[test]
+        fn a_changed_key_byte_never_verifies(f in any::<Index>(), at in any::<Index>(), x in 1u8..) {
+            let f = fixture(&f);
+            let mut der = f.der.clone();
+            der[f.key.start + at.index(f.key.len())] ^= x;
+            prop_assert!(verify_csr(&der).is_err());
+        }
+    }
+
+    #[test]
+    fn fixtures_verify_unchanged() {
+        for f in fixtures() {
+            assert_eq!(verify_csr(&f.der).unwrap().spki_der(), f.spki.as_slice());
+        }
+    }
+}

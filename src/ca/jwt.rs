@@ -349,6 +349,29 @@ impl Ca {
         })
     }
 
+    /// This generation's two bundle JWKs: the CA (`x509-svid`) and the JWT key (`jwt-svid`).
+    pub(super) fn bundle_keys(&self) -> [Value; 2] {
+        let (ca_x, ca_y) = &self.ca_jwk_xy;
+        [
+            json!({
+                "kty": "EC", "crv": "P-256", "x": ca_x, "y": ca_y,
+                "use": "x509-svid", "x5c": [STANDARD.encode(&self.ca_der)],
+            }),
+            json!({
+                "kty": "EC", "crv": "P-256", "x": self.jwt.x, "y": self.jwt.y,
+                "use": "jwt-svid", "kid": self.jwt.kid,
+            }),
+        ]
+    }
+
+    /// This generation's JWT key as a plain JWK (with `kid` and `alg`).
+    pub(super) fn jwks_key(&self) -> Value {
+        json!({
+            "kty": "EC", "crv": "P-256", "x": self.jwt.x, "y": self.jwt.y,
+            "kid": self.jwt.kid, "alg": "ES256",
+        })
+    }
+
     /// The SPIFFE bundle (formats.md §1.4): the CA certificate as an
     /// `x509-svid` JWK (no `kid`, `x5c` = standard base64 DER) and the JWT
     /// key as a `jwt-svid` JWK (with `kid`), plus `spiffe_sequence` and

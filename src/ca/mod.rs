@@ -32,6 +32,7 @@ use crate::{
 pub mod csr;
 mod jwt;
 mod keys;
+pub mod ring;
 mod x509;
 
 pub use csr::{verify_csr, CsrError, KeyKind, VerifiedCsr, MAX_CSR_LEN};
@@ -132,6 +133,8 @@ pub struct Ca {
     ca_not_after_secs: i64,
     ca_pin: String,
     jwt: jwt::JwtKey,
+    /// Key generation number in the [`ring::Authority`] (0 when standalone).
+    generation: u32,
 }
 
 impl fmt::Debug for Ca {
@@ -247,6 +250,7 @@ impl Ca {
                 ca_not_after_secs: info.not_after_secs,
                 ca_pin,
                 jwt,
+                generation: 0,
             },
             created,
         ))
@@ -276,6 +280,50 @@ impl Ca {
     /// Stable across CA certificate re-issues for the same key.
     pub fn ca_pin(&self) -> &str {
         &self.ca_pin
+    }
+
+    /// The key generation this CA belongs to (see [`ring`]).
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// An X.509 CRL (RFC 5280 §5) signed by this CA, listing `revoked`
+    /// (lowercase hex serial, revocation time in Unix seconds), valid from
+    /// `now_ms` until `next_update_ms`.
+    ///
+    /// # Errors
+    /// [`CaError::Certificate`] on a bad serial or signing failure.
+    pub fn crl(
+        &self,
+        revoked: &[(String, i64)],
+        crl_number: u64,
+        now_ms: i64,
+        next_update_ms: i64,
+    ) -> Result<Vec<u8>, CaError> {
+        let dt = |ms: i64| x509::datetime(ms.div_euclid(1000));
+        let mut certs = Vec::with_capacity(revoked.len());
+        for (serial, at) in revoked {
+            let bytes = hex::decode(serial)
+                .map_err(|_| CaError::Certificate(format!("bad serial {serial:?}")))?;
+            certs.push(rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(&bytes),
+                revocation_time: x509::datetime(*at)?,
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: dt(now_ms)?,
+            next_update: dt(next_update_ms)?,
+            crl_number: rcgen::SerialNumber::from_slice(&crl_number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs: certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params
+            .signed_by(&self.issuer)
+            .map_err(|e| CaError::Certificate(format!("signing CRL: {e}")))?;
+        Ok(crl.der().to_vec())
     }
 
     /// Rejects SPIFFE IDs outside our trust domain.

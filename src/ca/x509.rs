@@ -187,7 +187,7 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&b)
 }
 
-fn datetime(unix_secs: i64) -> Result<OffsetDateTime, CaError> {
+pub(super) fn datetime(unix_secs: i64) -> Result<OffsetDateTime, CaError> {
     OffsetDateTime::from_unix_timestamp(unix_secs)
         .map_err(|_| CaError::InvalidRequest(format!("time {unix_secs} is out of range")))
 }

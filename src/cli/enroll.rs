@@ -120,7 +120,7 @@ pub async fn run(args: EnrollArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn pem_all(der: &[Vec<u8>]) -> String {
+pub(super) fn pem_all(der: &[Vec<u8>]) -> String {
     use base64::Engine;
     let mut out = String::new();
     for d in der {
@@ -151,7 +151,11 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_outputs(out: &Path, resp: &pb::EnrollResponse, key_der: &[u8]) -> anyhow::Result<()> {
+pub(super) fn write_outputs(
+    out: &Path,
+    resp: &pb::EnrollResponse,
+    key_der: &[u8],
+) -> anyhow::Result<()> {
     fs::create_dir_all(out)?;
     use base64::Engine;
     let mut key_pem = zeroize::Zeroizing::new(String::from("-----BEGIN PRIVATE KEY-----\n"));

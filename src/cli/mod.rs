@@ -4,6 +4,7 @@
 
 mod client;
 mod enroll;
+mod lifecycle;
 mod plan;
 mod serve;
 mod token;
@@ -142,6 +143,18 @@ pub enum Command {
     /// Bootstrap-secret helpers.
     #[command(subcommand)]
     Bootstrap(plan::BootstrapCmd),
+    /// Renew an X509-SVID over mTLS (new key by default).
+    Renew(lifecycle::RenewArgs),
+    /// Fetch a JWT-SVID over mTLS, or `validate` one.
+    Jwt(lifecycle::JwtArgs),
+    /// Revoke by --serial, --spiffe-id, --node or --jti; or --list.
+    Revoke(lifecycle::RevokeArgs),
+    /// CA/JWT key rotation.
+    #[command(subcommand)]
+    Ca(lifecycle::CaCmd),
+    /// Show or watch the trust bundle.
+    #[command(subcommand)]
+    Bundle(lifecycle::BundleCmd),
 }
 
 /// Where admin calls go: the local admin socket (default), or a remote
@@ -224,6 +237,11 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Plan(c) => plan::run(c).await,
         Command::Status { target } => plan::status(target).await,
         Command::Bootstrap(c) => plan::run_bootstrap(c),
+        Command::Renew(a) => lifecycle::renew(a).await,
+        Command::Jwt(a) => lifecycle::jwt(a).await,
+        Command::Revoke(a) => lifecycle::revoke(a).await,
+        Command::Ca(c) => lifecycle::ca(c).await,
+        Command::Bundle(c) => lifecycle::bundle(c).await,
     };
     match result {
         Ok(()) => exit::OK,

@@ -115,13 +115,15 @@ impl ServeArgs {
 /// Runs the broker until SIGINT or SIGTERM.
 pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     let cfg = args.resolve().map_err(CliError::usage)?;
+    // Handlers first: a SIGTERM that arrives while starting must drain, not kill.
+    let signals = install_signals().map_err(|e| CliError::failure(format!("signals: {e}")))?;
     tracing::info!(config = %cfg, "starting");
     let running = crate::server::start(cfg, Arc::new(SystemClock))
         .await
         .map_err(|e| CliError::failure(format!("{e:#}")))?;
     let stopper = running.stopper();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        wait_for_signal(signals).await;
         tracing::info!("shutdown requested: draining");
         let _ = stopper.send(true);
     });
@@ -131,17 +133,16 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::failure(format!("{e:#}")))
 }
 
-async fn wait_for_signal() {
+type Signals = (tokio::signal::unix::Signal, tokio::signal::unix::Signal);
+
+fn install_signals() -> std::io::Result<Signals> {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+    Ok((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+}
+
+async fn wait_for_signal((mut term, mut int): Signals) {
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
 }

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use super::{plans::with_plan, Error};
 use crate::{
     audit::{AuditKind, AuditRecord, AuditRow, ChainVerifier},
-    ca::{self, Ca, JwtParams, X509Params},
+    ca::{self, ring::Authority, JwtParams, X509Params},
     clock::Clock,
     identity::{SpiffeId, TrustDomain},
     policy::Plan,
@@ -264,12 +264,15 @@ pub struct AuditVerdict {
 pub struct Broker {
     pub(super) cfg: BrokerConfig,
     pub(super) store: Arc<dyn Store>,
-    pub(super) ca: Arc<Ca>,
+    pub(super) authority: Arc<Authority>,
     pub(super) token_key: TokenKey,
     pub(super) bootstrap_secret: Option<Secret>,
     pub(super) bootstrap_source: &'static str,
     pub(super) clock: Arc<dyn Clock>,
     pub(super) plan: RwLock<Option<Arc<ActivePlan>>>,
+    pub(super) revocations: RwLock<Arc<super::lifecycle::RevocationSet>>,
+    pub(super) bundle_tx: tokio::sync::watch::Sender<u64>,
+    pub(super) crls: RwLock<Arc<Vec<Vec<u8>>>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -288,14 +291,18 @@ impl Broker {
     pub async fn new(
         cfg: BrokerConfig,
         store: Arc<dyn Store>,
-        ca: Arc<Ca>,
+        authority: Arc<Authority>,
         secrets: BrokerSecrets,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, Error> {
+        let (bundle_tx, _) = tokio::sync::watch::channel(authority.view().sequence);
         let b = Self {
             cfg,
             store,
-            ca,
+            authority,
+            revocations: RwLock::new(Arc::default()),
+            bundle_tx,
+            crls: RwLock::new(Arc::default()),
             token_key: secrets.token_key,
             bootstrap_secret: secrets.bootstrap,
             bootstrap_source: secrets.bootstrap_source,
@@ -303,6 +310,8 @@ impl Broker {
             plan: RwLock::new(None),
         };
         b.reload_plan().await?;
+        b.reload_revocations().await?;
+        b.refresh_crls().await?;
         Ok(b)
     }
 
@@ -316,9 +325,14 @@ impl Broker {
         &self.store
     }
 
-    /// `sha256:<hex>` pin of the CA key.
-    pub fn ca_pin(&self) -> &str {
-        self.ca.ca_pin()
+    /// `sha256:<hex>` pin of the CA that signs the TLS serving certificate.
+    pub fn ca_pin(&self) -> String {
+        self.authority.view().serving().ca_pin().to_owned()
+    }
+
+    /// The signing authority (for the server's TLS material).
+    pub fn authority(&self) -> &Arc<Authority> {
+        &self.authority
     }
 
     // === tokens ===
@@ -379,7 +393,7 @@ impl Broker {
             token: minted.token_string(),
             token_id: minted.token_id,
             expires_at: (now + ttl * 1000).div_euclid(1000),
-            ca_pin: self.ca.ca_pin().to_owned(),
+            ca_pin: self.ca_pin(),
         })
     }
 
@@ -558,8 +572,8 @@ impl Broker {
         // 6. Sign in memory; kept only if the transaction below wins.
         let plan = self.active_plan();
         let ttls = self.ttls_for(plan.as_deref(), spiffe_id.as_str());
-        let issued = self
-            .ca
+        let signer = self.authority.active();
+        let issued = signer
             .issue_x509(&X509Params {
                 spiffe_id: &spiffe_id,
                 csr: &csr,
@@ -579,6 +593,9 @@ impl Broker {
             issued_at_ms: now,
             not_after_ms: issued.not_after_ms,
             der: issued.der,
+            ca_gen: signer.generation(),
+            origin: "token".to_owned(),
+            node: None,
         };
         let audit = AuditRecord::new(now, AuditKind::Issued, "ok")
             .field("token_id", token_id)
@@ -640,33 +657,48 @@ impl Broker {
         Ok(())
     }
 
-    fn mint_jwt(
+    pub(super) fn mint_jwt(
         &self,
         id: &SpiffeId,
         audiences: &[String],
         now_ms: i64,
         ttl_secs: i64,
     ) -> Result<String, Error> {
-        self.ca
+        self.mint_jwt_full(id, audiences, now_ms, ttl_secs)
+            .map(|m| m.token)
+    }
+
+    pub(super) fn mint_jwt_full(
+        &self,
+        id: &SpiffeId,
+        audiences: &[String],
+        now_ms: i64,
+        ttl_secs: i64,
+    ) -> Result<ca::MintedJwt, Error> {
+        self.authority
             .mint_jwt(&JwtParams {
                 spiffe_id: id,
                 audiences,
                 now_secs: now_ms.div_euclid(1000),
                 ttl_secs,
             })
-            .map(|m| m.token)
             .map_err(|e| {
                 tracing::error!(error = %e, "JWT signing failed");
                 Error::Internal
             })
     }
 
-    fn enrolled(&self, cert: IssuedCert, jwt_svid: Option<String>, retried: bool) -> Enrolled {
+    pub(super) fn enrolled(
+        &self,
+        cert: IssuedCert,
+        jwt_svid: Option<String>,
+        retried: bool,
+    ) -> Enrolled {
         Enrolled {
             spiffe_id: cert.spiffe_id,
             // Leaf only: the CA signs SVIDs directly, so there are no intermediates.
             chain: vec![cert.der],
-            trust_bundle: vec![self.ca.ca_cert_der().to_vec()],
+            trust_bundle: self.authority.view().x509_authorities(),
             jwt_svid,
             expires_at: cert.not_after_ms.div_euclid(1000),
             retried,
@@ -696,16 +728,14 @@ impl Broker {
 
     // === bundle and audit ===
 
-    /// The current trust bundle.
+    /// The current trust bundle: every published CA generation.
     pub fn bundle(&self) -> BundleView {
-        let sequence = 1;
+        let view = self.authority.view();
         BundleView {
             trust_domain: self.cfg.trust_domain.to_string(),
-            x509_authorities: vec![self.ca.ca_cert_der().to_vec()],
-            spiffe_bundle_json: self
-                .ca
-                .bundle_json(sequence, self.cfg.bundle_refresh_hint_secs),
-            sequence,
+            x509_authorities: view.x509_authorities(),
+            spiffe_bundle_json: view.bundle_json(self.cfg.bundle_refresh_hint_secs),
+            sequence: view.sequence,
         }
     }
 
@@ -776,7 +806,7 @@ pub async fn verify_store_chain(
     })
 }
 
-fn check_audiences(audiences: &[String]) -> Result<(), Error> {
+pub(super) fn check_audiences(audiences: &[String]) -> Result<(), Error> {
     if audiences.len() > MAX_AUDIENCES {
         return Err(Error::Malformed(format!(
             "more than {MAX_AUDIENCES} jwt_audiences"

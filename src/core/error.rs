@@ -55,6 +55,9 @@ pub enum Error {
     /// No registration entry matches the attested selectors.
     #[error("no registration entry matches the attested selectors")]
     AttestationNoMatchingEntry,
+    /// A JWT-SVID presented for validation failed a check (named in the message).
+    #[error("invalid JWT-SVID: {0}")]
+    JwtInvalid(String),
     /// The SVID was revoked.
     #[error("SVID revoked")]
     SvidRevoked,
@@ -100,6 +103,7 @@ impl Error {
             Self::TokenRevoked => "TOKEN_REVOKED",
             Self::AttestationInvalid(_) => "ATTESTATION_INVALID",
             Self::AttestationNoMatchingEntry => "ATTESTATION_NO_MATCHING_ENTRY",
+            Self::JwtInvalid(_) => "JWT_INVALID",
             Self::SvidRevoked => "SVID_REVOKED",
             Self::NotAuthorized => "NOT_AUTHORIZED",
             Self::BootstrapDisabled => "BOOTSTRAP_DISABLED",

@@ -6,6 +6,7 @@
 
 mod broker;
 mod error;
+mod lifecycle;
 mod plans;
 
 pub use broker::{
@@ -13,4 +14,5 @@ pub use broker::{
     Caller, CreatedToken, Credential, EnrollParams, Enrolled, TokenView,
 };
 pub use error::Error;
+pub use lifecycle::{FetchedJwt, RevocationSet, RotationView, ValidatedJwtView};
 pub use plans::{Bootstrapped, PlanView, StatusView};

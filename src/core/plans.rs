@@ -209,7 +209,12 @@ impl Broker {
                 // CA; the certificate must also be one we recorded, unexpired.
                 let now = self.clock.now_ms();
                 match self.store.fetch_issued(serial).await? {
-                    Some(c) if c.spiffe_id == *spiffe_id && c.not_after_ms > now => Ok(()),
+                    Some(c) if c.spiffe_id == *spiffe_id && c.not_after_ms > now => {
+                        if self.store.is_revoked(serial).await? {
+                            return Err(Error::SvidRevoked);
+                        }
+                        Ok(())
+                    }
                     _ => Err(Error::NotAuthorized),
                 }
             }
@@ -546,7 +551,7 @@ impl Broker {
             bootstrap_enabled: plan.is_none(),
             plan: plan.as_ref().map(|p| (p.version, p.sha256.clone())),
             trust_domain: self.cfg.trust_domain.to_string(),
-            ca_pin: self.ca.ca_pin().to_owned(),
+            ca_pin: self.ca_pin(),
             counts: self.store.counts().await?,
             bootstrap_secret: if plan.is_some() {
                 "unused".to_owned()

@@ -11,6 +11,7 @@
 //! max_token_ttl = "24h"      # longest enrollment token an admin may mint
 //! max_svid_ttl = "24h"       # longest X509-SVID / JWT-SVID lifetime
 //! required_approvals = 1     # distinct admins needed to activate the next plan
+//! renewal_grace = "0s"       # renewal allowed this long after expiry (default: never)
 //!
 //! [[entries]]
 //! spiffe_id = "spiffe://sigil.local/ci/build"
@@ -101,6 +102,7 @@ struct LimitsFile {
     max_token_ttl: Option<Dur>,
     max_svid_ttl: Option<Dur>,
     required_approvals: Option<u32>,
+    renewal_grace: Option<Dur>,
 }
 
 /// Plan-wide limits.
@@ -113,6 +115,9 @@ pub struct Limits {
     pub max_svid_ttl: i64,
     /// Distinct admins needed to activate the next plan.
     pub required_approvals: u32,
+    /// How long after expiry an X509-SVID may still renew itself, seconds (default 0: never).
+    #[serde(default)]
+    pub renewal_grace: i64,
 }
 
 /// A registration entry.
@@ -191,6 +196,17 @@ impl Plan {
         if !(MIN_SVID_TTL..=MAX_SVID_TTL).contains(&max_svid_ttl) {
             return err(format!(
                 "limits.max_svid_ttl: {max_svid_ttl} s is outside {MIN_SVID_TTL}..={MAX_SVID_TTL} s"
+            ));
+        }
+
+        let renewal_grace = match &l.renewal_grace {
+            Some(Dur::Secs(0)) => 0,
+            Some(d) => d.secs("limits.renewal_grace")?,
+            None => 0,
+        };
+        if !(0..=3600).contains(&renewal_grace) {
+            return err(format!(
+                "limits.renewal_grace: {renewal_grace} s is outside 0..=3600 s"
             ));
         }
 
@@ -279,6 +295,7 @@ impl Plan {
                 max_token_ttl,
                 max_svid_ttl,
                 required_approvals,
+                renewal_grace,
             },
         })
     }

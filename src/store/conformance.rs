@@ -19,8 +19,8 @@ use sha2::{Digest, Sha256};
 
 use super::{
     ApproveOutcome, BootstrapInstall, BootstrapOutcome, IssuedCert, PlanApproval, PlanProposal,
-    PlanState, ProposeOutcome, RedeemOutcome, Redemption, RevokeOutcome, Store, StoreCounts,
-    StoreError, TokenRecord,
+    PlanState, ProposeOutcome, RedeemOutcome, Redemption, RenewOutcome, Renewal, RevocationKind,
+    RevocationRecord, RevokeOutcome, Store, StoreCounts, StoreError, TokenRecord,
 };
 use crate::audit::{self, AuditKind, AuditRecord, AuditRow};
 
@@ -43,6 +43,7 @@ pub async fn run_all(store: &dyn Store) {
     revoke_outcomes(store).await;
     purge_expired_nonces(store).await;
     concurrent_audit_appends_chain(store).await;
+    revocation_and_renewal(store).await;
     plan_lifecycle(store).await;
 }
 
@@ -102,6 +103,9 @@ pub fn redemption(label: &str, key: &str, nonce: &str, now_ms: i64) -> Redemptio
             issued_at_ms: now_ms,
             not_after_ms: now_ms + HOUR,
             der: format!("fake-der/{serial}").into_bytes(),
+            ca_gen: 1,
+            origin: "token".into(),
+            node: None,
         },
         audit: AuditRecord::new(now_ms, AuditKind::Issued, "ok")
             .field("token_id", tid)
@@ -1049,5 +1053,98 @@ pub async fn plan_lifecycle(store: &dyn Store) {
             .unwrap(),
         ProposeOutcome::Activated { .. }
     ));
+    all_audit(store).await;
+}
+
+// === Revocations ===
+
+fn revocation(kind: RevocationKind, value: &str, at: i64, expires: Option<i64>) -> RevocationRecord {
+    RevocationRecord {
+        kind,
+        value: value.into(),
+        revoked_at_ms: at,
+        expires_at_ms: expires,
+        reason: "test".into(),
+    }
+}
+
+fn renewal(parent: &str, label: &str, now: i64) -> Renewal {
+    let r = redemption(label, "renewed-key", &format!("renew-{label}"), now);
+    let mut cert = r.cert;
+    cert.token_id = None;
+    cert.origin = "overwritten-by-store".into();
+    Renewal {
+        parent_serial: parent.into(),
+        cert,
+        now_ms: now,
+        audit: AuditRecord::new(now, AuditKind::Issued, "renewed"),
+    }
+}
+
+/// Revocation by serial, SPIFFE ID and CA generation; renewal refuses
+/// revoked parents atomically; CRL serials; expiry and purge.
+pub async fn revocation_and_renewal(store: &dyn Store) {
+    let t = token("rev", 3, HOUR);
+    create(store, &t).await;
+    let r1 = redemption("rev", "k1", "rev-n1", NOW);
+    let r2 = redemption("rev", "k2", "rev-n2", NOW);
+    issue(store, &r1).await;
+    issue(store, &r2).await;
+    let (s1, s2) = (r1.cert.serial.clone(), r2.cert.serial.clone());
+    assert!(!store.is_revoked(&s1).await.unwrap());
+
+    // Unknown parent.
+    assert_eq!(
+        store.renew_cert(renewal("00ff", "rev-x", NOW)).await.unwrap(),
+        RenewOutcome::UnknownParent
+    );
+    // By serial.
+    store
+        .revoke(revocation(RevocationKind::Serial, &s1, NOW + 1, Some(NOW + HOUR)), AuditRecord::new(NOW, AuditKind::Denied, "revoked"))
+        .await
+        .unwrap();
+    assert!(store.is_revoked(&s1).await.unwrap());
+    assert!(!store.is_revoked(&s2).await.unwrap());
+    assert_eq!(store.renew_cert(renewal(&s1, "rev-a", NOW + 2)).await.unwrap(), RenewOutcome::Revoked);
+    let child = renewal(&s2, "rev-b", NOW + 2);
+    let child_serial = child.cert.serial.clone();
+    assert_eq!(store.renew_cert(child).await.unwrap(), RenewOutcome::Issued);
+    let c = store.fetch_issued(&child_serial).await.unwrap().unwrap();
+    assert_eq!(c.origin, "token", "origin inherited from the parent");
+    assert_eq!(c.token_id.as_deref(), Some(t.token_id.as_str()));
+
+    // By SPIFFE ID: covers what was issued up to the revocation time only.
+    let sid = r2.cert.spiffe_id.clone();
+    store
+        .revoke(revocation(RevocationKind::SpiffeId, &sid, NOW + 1, Some(NOW + HOUR)), AuditRecord::new(NOW, AuditKind::Denied, "revoked"))
+        .await
+        .unwrap();
+    assert!(store.is_revoked(&s2).await.unwrap());
+    assert!(!store.is_revoked(&child_serial).await.unwrap(), "issued after the revocation");
+    let crl = store.revoked_serials(NOW).await.unwrap();
+    let listed: Vec<&str> = crl.iter().map(|(s, _, _)| s.as_str()).collect();
+    assert!(listed.contains(&s1.as_str()) && listed.contains(&s2.as_str()));
+    assert!(!listed.contains(&child_serial.as_str()));
+
+    // By CA generation: everything it signed.
+    store
+        .revoke(revocation(RevocationKind::CaGeneration, "1", NOW + 3, None), AuditRecord::new(NOW, AuditKind::Denied, "revoked"))
+        .await
+        .unwrap();
+    assert!(store.is_revoked(&child_serial).await.unwrap());
+
+    // Listing hides expired entries; purge deletes them; a permanent one stays.
+    let listed = store.list_revocations(NOW).await.unwrap();
+    assert!(listed.iter().any(|r| r.kind == RevocationKind::Serial && r.value == s1));
+    let later = store.list_revocations(NOW + HOUR).await.unwrap();
+    assert!(later.iter().all(|r| r.expires_at_ms.is_none()));
+    assert!(store.purge_expired(NOW + HOUR).await.unwrap() >= 2);
+    let left = store.list_revocations(NOW).await.unwrap();
+    assert!(
+        left.iter().all(|r| r.kind == RevocationKind::CaGeneration),
+        "expired revocations purged: {left:?}"
+    );
+    // A certificate that has expired is no longer listed in the CRL.
+    assert!(store.revoked_serials(NOW + 2 * HOUR).await.unwrap().is_empty());
     all_audit(store).await;
 }

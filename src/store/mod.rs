@@ -63,6 +63,92 @@ pub struct IssuedCert {
     pub not_after_ms: i64,
     /// The certificate DER.
     pub der: Vec<u8>,
+    /// Key generation of the CA that signed it.
+    pub ca_gen: u32,
+    /// How the identity was first established: `token` or `attest:<format>`
+    /// (kept across renewals).
+    pub origin: String,
+    /// The attested node (e.g. Nitro `module_id`, `<issuer>:<sub>`), if any.
+    pub node: Option<String>,
+}
+
+/// What a revocation covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RevocationKind {
+    /// One certificate, by lowercase hex serial.
+    Serial,
+    /// Every certificate and JWT of a SPIFFE ID issued up to the revocation time.
+    SpiffeId,
+    /// An attested node: it can no longer enroll, its certificates are revoked.
+    Node,
+    /// One JWT-SVID by `jti`.
+    Jti,
+    /// Everything a CA key generation signed (compromise rotation).
+    CaGeneration,
+}
+
+impl RevocationKind {
+    /// Stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Serial => "serial",
+            Self::SpiffeId => "spiffe_id",
+            Self::Node => "node",
+            Self::Jti => "jti",
+            Self::CaGeneration => "ca_generation",
+        }
+    }
+
+    /// Parses [`RevocationKind::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "serial" => Self::Serial,
+            "spiffe_id" => Self::SpiffeId,
+            "node" => Self::Node,
+            "jti" => Self::Jti,
+            "ca_generation" => Self::CaGeneration,
+            _ => return None,
+        })
+    }
+}
+
+/// A revocation entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationRecord {
+    /// What it covers.
+    pub kind: RevocationKind,
+    /// Serial, SPIFFE ID, node, jti or generation number.
+    pub value: String,
+    /// When, Unix ms (for SPIFFE IDs: covers what was issued up to here).
+    pub revoked_at_ms: i64,
+    /// Forgotten after this instant (everything it covers has expired); `None` = kept.
+    pub expires_at_ms: Option<i64>,
+    /// Operator's reason (free text, no secrets).
+    pub reason: String,
+}
+
+/// A renewal, applied by [`Store::renew_cert`].
+#[derive(Debug, Clone)]
+pub struct Renewal {
+    /// Serial of the certificate presented over mTLS.
+    pub parent_serial: String,
+    /// The new certificate (its `origin`/`node` are copied from the parent by the store).
+    pub cert: IssuedCert,
+    /// Now, Unix ms.
+    pub now_ms: i64,
+    /// Appended on success.
+    pub audit: AuditRecord,
+}
+
+/// Result of [`Store::renew_cert`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RenewOutcome {
+    /// Recorded.
+    Issued,
+    /// The parent certificate is revoked (by serial, SPIFFE ID, node or CA generation).
+    Revoked,
+    /// The parent was not issued by this broker.
+    UnknownParent,
 }
 
 /// Everything one token redemption needs, applied atomically by
@@ -367,7 +453,7 @@ pub trait Store: Send + Sync + 'static {
     /// Audit rows with `seq > after_seq`, ascending, at most `limit`.
     async fn list_audit(&self, after_seq: u64, limit: u32) -> Result<Vec<AuditRow>, StoreError>;
 
-    /// Forgets nonces whose `expires_at_ms <= now_ms`; returns how many.
+    /// Forgets nonces and revocations whose `expires_at_ms <= now_ms`; returns how many.
     async fn purge_expired(&self, now_ms: i64) -> Result<u64, StoreError>;
 
     /// Installs the foundation plan atomically: nonce unused → no plan was
@@ -395,6 +481,25 @@ pub trait Store: Send + Sync + 'static {
 
     /// One plan by version.
     async fn fetch_plan(&self, version: u64) -> Result<Option<PlanRecord>, StoreError>;
+
+    /// Records a revocation (an existing entry for the same kind and value
+    /// keeps the later `revoked_at_ms` and expiry) and its audit row.
+    async fn revoke(&self, r: RevocationRecord, audit: AuditRecord) -> Result<(), StoreError>;
+
+    /// Revocations not yet expired at `now_ms`.
+    async fn list_revocations(&self, now_ms: i64) -> Result<Vec<RevocationRecord>, StoreError>;
+
+    /// True when the certificate `serial` is covered by a revocation.
+    async fn is_revoked(&self, serial: &str) -> Result<bool, StoreError>;
+
+    /// Renews atomically: the parent must exist and not be revoked (checked
+    /// in the same transaction as the insert, so a concurrent revocation is
+    /// never outrun); the new certificate inherits the parent's origin and node.
+    async fn renew_cert(&self, renewal: Renewal) -> Result<RenewOutcome, StoreError>;
+
+    /// Every unexpired issued certificate covered by a revocation, as
+    /// (serial, revocation time in Unix ms, CA generation), for the CRLs.
+    async fn revoked_serials(&self, now_ms: i64) -> Result<Vec<(String, i64, u32)>, StoreError>;
 
     /// Row counts.
     async fn counts(&self) -> Result<StoreCounts, StoreError>;

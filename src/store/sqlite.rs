@@ -45,8 +45,8 @@ use tokio::sync::oneshot;
 
 use super::{
     ApproveOutcome, BootstrapInstall, BootstrapOutcome, IssuedCert, PlanApproval, PlanProposal,
-    PlanRecord, PlanState, ProposeOutcome, RedeemOutcome, Redemption, RevokeOutcome, Store,
-    StoreCounts, StoreError, TokenRecord,
+    PlanRecord, PlanState, ProposeOutcome, RedeemOutcome, Redemption, RenewOutcome, Renewal,
+    RevocationKind, RevocationRecord, RevokeOutcome, Store, StoreCounts, StoreError, TokenRecord,
 };
 use crate::audit::{self, AuditRecord, AuditRow, GENESIS_HASH};
 
@@ -56,7 +56,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Schema migrations; `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
 /// Append new entries, never edit old ones.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
 
 /// Version 1: tokens, nonces, issued certificates, audit chain.
 const SCHEMA_V1: &str = "
@@ -121,13 +121,38 @@ CREATE TABLE plan_approvals (
 ) STRICT;
 ";
 
+/// Version 3: certificate lineage (CA generation, origin, node) and revocations.
+const SCHEMA_V3: &str = "
+ALTER TABLE issued ADD COLUMN ca_gen INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE issued ADD COLUMN origin TEXT NOT NULL DEFAULT 'token';
+ALTER TABLE issued ADD COLUMN node TEXT;
+CREATE INDEX issued_spiffe ON issued (spiffe_id, not_after_ms);
+CREATE INDEX issued_not_after ON issued (not_after_ms);
+
+CREATE TABLE revocations (
+    kind          TEXT    NOT NULL,
+    value         TEXT    NOT NULL,
+    revoked_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER,
+    reason        TEXT    NOT NULL,
+    PRIMARY KEY (kind, value)
+) STRICT;
+";
+
+/// SQL condition: the `issued` row aliased `c` is covered by a revocation.
+const COVERED: &str = "(EXISTS (SELECT 1 FROM revocations r WHERE \
+       (r.kind = 'serial' AND r.value = c.serial) \
+    OR (r.kind = 'spiffe_id' AND r.value = c.spiffe_id AND r.revoked_at_ms >= c.issued_at_ms) \
+    OR (r.kind = 'node' AND c.node IS NOT NULL AND r.value = c.node) \
+    OR (r.kind = 'ca_generation' AND r.value = CAST(c.ca_gen AS TEXT))))";
+
 const PLAN_COLUMNS: &str = "version, sha256, canonical_json, state, proposer, created_at_ms, \
                             expires_at_ms, activated_at_ms, required_approvals";
 
 const TOKEN_COLUMNS: &str =
     "token_id, spiffe_id, created_at_ms, expires_at_ms, max_uses, uses, revoked_at_ms";
 const ISSUED_COLUMNS: &str =
-    "serial, token_id, spiffe_id, spki_sha256, issued_at_ms, not_after_ms, der";
+    "serial, token_id, spiffe_id, spki_sha256, issued_at_ms, not_after_ms, der, ca_gen, origin, node";
 const AUDIT_COLUMNS: &str = "seq, time_ms, kind, outcome, fields_json, prev_hash, hash";
 
 /// Tuning for [`SqliteStore`].
@@ -405,6 +430,52 @@ impl Store for SqliteStore {
         self.read(move |c| load_plan(c, v)).await
     }
 
+    async fn revoke(&self, r: RevocationRecord, audit: AuditRecord) -> Result<(), StoreError> {
+        self.job(move |conn, head| revoke(conn, head, &r, &audit))
+            .await
+    }
+
+    async fn list_revocations(&self, now_ms: i64) -> Result<Vec<RevocationRecord>, StoreError> {
+        self.read(move |c| {
+            Ok(c.prepare_cached(
+                "SELECT kind, value, revoked_at_ms, expires_at_ms, reason FROM revocations \
+                 WHERE expires_at_ms IS NULL OR expires_at_ms > ?1 ORDER BY revoked_at_ms, kind, value",
+            )?
+            .query_map([now_ms], revocation_from_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn is_revoked(&self, serial: &str) -> Result<bool, StoreError> {
+        let serial = serial.to_owned();
+        self.read(move |c| Ok(is_revoked(c, &serial)?)).await
+    }
+
+    async fn renew_cert(&self, renewal: Renewal) -> Result<RenewOutcome, StoreError> {
+        self.job(move |conn, head| renew_cert(conn, head, &renewal))
+            .await
+    }
+
+    async fn revoked_serials(&self, now_ms: i64) -> Result<Vec<(String, i64, u32)>, StoreError> {
+        self.read(move |c| {
+            let sql = format!(
+                "SELECT c.serial, (SELECT MIN(r.revoked_at_ms) FROM revocations r WHERE \
+                    (r.kind = 'serial' AND r.value = c.serial) \
+                 OR (r.kind = 'spiffe_id' AND r.value = c.spiffe_id AND r.revoked_at_ms >= c.issued_at_ms) \
+                 OR (r.kind = 'node' AND c.node IS NOT NULL AND r.value = c.node) \
+                 OR (r.kind = 'ca_generation' AND r.value = CAST(c.ca_gen AS TEXT))) \
+                 , c.ca_gen FROM issued c WHERE c.not_after_ms > ?1 AND {COVERED} ORDER BY c.serial"
+            );
+            Ok(c.prepare_cached(&sql)?
+                .query_map([now_ms], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, u32>(2)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
     async fn counts(&self) -> Result<StoreCounts, StoreError> {
         self.read(|c| {
             let (tokens, issued, nonces, audit, plans) = c.query_row(
@@ -502,7 +573,48 @@ fn issued_from_row(r: &Row<'_>) -> rusqlite::Result<IssuedCert> {
         issued_at_ms: r.get(4)?,
         not_after_ms: r.get(5)?,
         der: r.get(6)?,
+        ca_gen: r.get(7)?,
+        origin: r.get(8)?,
+        node: r.get(9)?,
     })
+}
+
+fn revocation_from_row(r: &Row<'_>) -> rusqlite::Result<RevocationRecord> {
+    let kind: String = r.get(0)?;
+    Ok(RevocationRecord {
+        kind: RevocationKind::parse(&kind).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                0,
+                rusqlite::types::Type::Text,
+                "unknown revocation kind".into(),
+            )
+        })?,
+        value: r.get(1)?,
+        revoked_at_ms: r.get(2)?,
+        expires_at_ms: r.get(3)?,
+        reason: r.get(4)?,
+    })
+}
+
+/// Inserts an issued certificate row.
+fn insert_issued(conn: &Connection, c: &IssuedCert, token_id: Option<&str>) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO issued (serial, token_id, spiffe_id, spki_sha256, issued_at_ms, \
+         not_after_ms, der, ca_gen, origin, node) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        c.serial,
+        token_id,
+        c.spiffe_id,
+        c.spki_sha256,
+        c.issued_at_ms,
+        c.not_after_ms,
+        c.der,
+        c.ca_gen,
+        c.origin,
+        c.node,
+    ])?;
+    Ok(())
 }
 
 fn audit_from_row(r: &Row<'_>) -> rusqlite::Result<AuditRow> {
@@ -995,19 +1107,7 @@ fn redeem_token(
     let c = &r.cert;
     // The certificate is recorded against the token that paid for it, so
     // step 3 finds it on a retry whatever `cert.token_id` said.
-    conn.prepare_cached(
-        "INSERT INTO issued (serial, token_id, spiffe_id, spki_sha256, issued_at_ms, \
-         not_after_ms, der) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(params![
-        c.serial,
-        r.token_id,
-        c.spiffe_id,
-        c.spki_sha256,
-        c.issued_at_ms,
-        c.not_after_ms,
-        c.der,
-    ])?;
+    insert_issued(conn, c, Some(&r.token_id))?;
     append_audit(conn, head, &r.audit)?;
     Ok(RedeemOutcome::Issued)
 }
@@ -1075,8 +1175,74 @@ fn append_audit(
 fn purge_expired(conn: &Connection, now_ms: i64) -> Result<u64, StoreError> {
     let n = conn
         .prepare_cached("DELETE FROM nonces WHERE expires_at_ms <= ?1")?
-        .execute([now_ms])?;
+        .execute([now_ms])?
+        + conn
+            .prepare_cached(
+                "DELETE FROM revocations WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?1",
+            )?
+            .execute([now_ms])?;
     u64::try_from(n).map_err(|_| StoreError::Corrupt("row count out of range".into()))
+}
+
+// === Revocations and renewals ===
+
+fn revoke(
+    conn: &Connection,
+    head: &mut ChainHead,
+    r: &RevocationRecord,
+    audit: &AuditRecord,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO revocations (kind, value, revoked_at_ms, expires_at_ms, reason) \
+         VALUES (?1, ?2, ?3, ?4, ?5) \
+         ON CONFLICT (kind, value) DO UPDATE SET \
+           revoked_at_ms = MAX(revoked_at_ms, excluded.revoked_at_ms), \
+           expires_at_ms = CASE WHEN expires_at_ms IS NULL OR excluded.expires_at_ms IS NULL \
+                           THEN NULL ELSE MAX(expires_at_ms, excluded.expires_at_ms) END, \
+           reason = excluded.reason",
+    )?
+    .execute(params![
+        r.kind.as_str(),
+        r.value,
+        r.revoked_at_ms,
+        r.expires_at_ms,
+        r.reason
+    ])?;
+    append_audit(conn, head, audit)?;
+    Ok(())
+}
+
+fn is_revoked(conn: &Connection, serial: &str) -> rusqlite::Result<bool> {
+    let sql = format!("SELECT {COVERED} FROM issued c WHERE c.serial = ?1");
+    Ok(conn
+        .prepare_cached(&sql)?
+        .query_row([serial], |r| r.get::<_, bool>(0))
+        .optional()?
+        .unwrap_or(false))
+}
+
+fn renew_cert(
+    conn: &Connection,
+    head: &mut ChainHead,
+    r: &Renewal,
+) -> Result<RenewOutcome, StoreError> {
+    let sql = format!("SELECT {ISSUED_COLUMNS} FROM issued WHERE serial = ?1");
+    let Some(parent) = conn
+        .prepare_cached(&sql)?
+        .query_row([&r.parent_serial], issued_from_row)
+        .optional()?
+    else {
+        return Ok(RenewOutcome::UnknownParent);
+    };
+    if is_revoked(conn, &r.parent_serial)? {
+        return Ok(RenewOutcome::Revoked);
+    }
+    let mut cert = r.cert.clone();
+    cert.origin = parent.origin;
+    cert.node = parent.node;
+    insert_issued(conn, &cert, parent.token_id.as_deref())?;
+    append_audit(conn, head, &r.audit)?;
+    Ok(RenewOutcome::Issued)
 }
 
 // === Plans ===
@@ -1357,6 +1523,7 @@ mod tests {
             revoke_outcomes,
             purge_expired_nonces,
             concurrent_audit_appends_chain,
+            revocation_and_renewal,
             plan_lifecycle,
         );
     }

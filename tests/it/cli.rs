@@ -240,7 +240,7 @@ fn readme_quick_start_through_the_binary() {
     secrets.push(hex::encode(&token_key));
     use base64::Engine;
     secrets.push(base64::engine::general_purpose::STANDARD.encode(&token_key));
-    for f in ["ca.key", "jwt.key"] {
+    for f in ["ca/g1/ca.key", "ca/g1/jwt.key"] {
         let pem = std::fs::read_to_string(data.join(f)).unwrap();
         secrets.extend(
             pem.lines()
@@ -263,7 +263,7 @@ fn readme_quick_start_through_the_binary() {
         );
     }
     // Secret files are 0600.
-    for f in ["token_key", "ca.key", "jwt.key"] {
+    for f in ["token_key", "ca/g1/ca.key", "ca/g1/jwt.key"] {
         let mode = std::fs::metadata(data.join(f))
             .unwrap()
             .permissions()

@@ -1,6 +1,8 @@
 //! Integration tests: one binary, real server on loopback.
 
 mod cli;
+mod crash;
 mod enroll;
+mod fuzz_regressions;
 mod harness;
 mod plans;

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Regenerates BENCHMARKS.md: builds release, runs every measurement one at a
+# time on this machine, then rewrites the generated section of BENCHMARKS.md
+# (the hand-written text around it is kept). Takes about 15–25 minutes,
+# most of it the 1,000,000-row prefill; run it on a quiet machine.
+#
+# usage: scripts/bench.sh [--quick]
+#   --quick   3 s runs, 100,000-row prefill, 2 startup runs (a smoke test, ~6 min)
+# env: BENCH_DURATION (10s), BENCH_PREFILL (1000000), BENCH_RESULTS (target/bench-results),
+#      BENCH_CFSSL (1; 0 skips the CFSSL peer), BENCH_CRITERION (1; 0 skips cargo bench)
+# Raw results (JSON per run, SVG latency plots, cfssl.txt) stay in $BENCH_RESULTS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DUR=${BENCH_DURATION:-10s}
+PREFILL=${BENCH_PREFILL:-1000000}
+STARTUP_RUNS=5
+if [[ "${1:-}" == "--quick" ]]; then
+  DUR=${BENCH_DURATION:-3s}; PREFILL=${BENCH_PREFILL:-100000}; STARTUP_RUNS=2
+elif [[ $# -gt 0 ]]; then
+  sed -n '2,12p' "$0"; exit 2
+fi
+R=${BENCH_RESULTS:-target/bench-results}
+CONCS="1 8 64 256"
+B=target/release/sigil-bench
+SIGIL=target/release/sigil
+CFSSL_PEER=../shared/bench/cfssl-peer.sh
+
+log() { printf '\n== %s ==\n' "$*" >&2; }
+now() { date -u '+%Y-%m-%d %H:%M:%S UTC'; }
+# A load run: exit 3 means "finished, some requests failed": keep going, the report shows it.
+run() {
+  local out=$1; shift
+  local rc=0
+  "$B" "$@" --json --plot "$R/${out%.json}.svg" > "$R/$out" || rc=$?
+  if [[ $rc -ne 0 && $rc -ne 3 ]]; then echo "sigil-bench $* failed (exit $rc)" >&2; exit 1; fi
+}
+rps_of() { sed -n 's/^  "rps": \([0-9.]*\),*$/\1/p' "$1"; }
+
+log "build (release)"
+cargo build --release --locked --bin sigil --bin sigil-bench
+mkdir -p "$R"
+rm -f "$R"/*.json "$R"/*.svg "$R"/cfssl.txt
+STARTED=$(now)
+LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
+
+log "crypto floor"
+"$B" floor --secs 1 --json > "$R/floor.json"
+
+log "enroll-token, no JWT"
+for c in $CONCS; do run "tok-off-c$c.json" enroll-token -c "$c" -d "$DUR"; done
+
+if [[ "${BENCH_CFSSL:-1}" == 1 && -x "$CFSSL_PEER" ]]; then
+  log "CFSSL authsign peer (same session)"
+  "$CFSSL_PEER" "$CONCS" "${DUR%s}" 1 | tee "$R/cfssl.txt" >&2 || echo "cfssl peer failed" >&2
+else
+  echo "skipping the CFSSL peer (BENCH_CFSSL=0 or $CFSSL_PEER missing)" >&2
+fi
+
+log "enroll-token, with JWT"
+for c in $CONCS; do run "tok-on-c$c.json" enroll-token -c "$c" -d "$DUR" --jwt; done
+
+log "fresh-connection"
+for c in $CONCS; do run "fresh-c$c.json" fresh-connection -c "$c" -d "$DUR"; done
+
+log "latency at half of peak throughput (open loop, 64 clients)"
+for jwt in off on; do
+  peak=0
+  for c in $CONCS; do
+    v=$(rps_of "$R/tok-$jwt-c$c.json"); v=${v%.*}
+    if [[ -n "$v" && "$v" -gt "$peak" ]]; then peak=$v; fi
+  done
+  run "half-$jwt.json" enroll-token -c 64 -d "$DUR" --jwt "$jwt" --rate $((peak / 2 > 0 ? peak / 2 : 1))
+done
+
+log "large store: empty vs $PREFILL prefilled rows (64 clients, no JWT)"
+run store-empty.json enroll-token -c 64 -d "$DUR"
+run store-prefill.json enroll-token -c 64 -d "$DUR" --prefill "$PREFILL"
+
+log "real binary as a separate process: loaded RSS"
+D=$(mktemp -d)
+"$SIGIL" serve --data-dir "$D/data" --listen 127.0.0.1:0 >/dev/null 2>&1 &
+PID=$!
+trap 'kill $PID 2>/dev/null || true; rm -rf "$D"' EXIT
+for _ in $(seq 1 200); do [[ -s "$D/data/listen.addr" ]] && break; sleep 0.05; done
+URL="https://$(cat "$D/data/listen.addr")"
+for c in 64 256; do
+  run "ext-c$c.json" enroll-token -c "$c" -d "$DUR" --broker "$URL" \
+      --admin-socket "$D/data/admin.sock" --broker-pid "$PID"
+done
+kill -TERM "$PID"; wait "$PID" || true
+rm -rf "$D"; trap - EXIT
+
+log "startup of the real binary"
+"$B" startup --sigil "$SIGIL" --runs "$STARTUP_RUNS" --json > "$R/startup.json"
+
+ENDED=$(now)
+cat > "$R/meta.json" <<JSON
+{"started": "$STARTED", "ended": "$ENDED",
+ "note": "load average at start $LOAD_AT_START; timed phases of $DUR; see the other-procs CPU column for what else ran"}
+JSON
+
+if [[ "${BENCH_CRITERION:-1}" == 1 ]]; then
+  log "criterion micro-benchmarks"
+  cargo bench --locked --bench crypto --bench store
+fi
+
+log "report"
+"$B" report --results "$R" --out BENCHMARKS.md
+echo "BENCHMARKS.md updated; raw results and plots in $R" >&2

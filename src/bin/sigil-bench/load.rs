@@ -1,0 +1,1040 @@
+//! The load generator: `enroll-token` (one HTTP/2 connection per client,
+//! reused) and `fresh-connection` (a new TLS connection per enrollment).
+//!
+//! Everything a request needs is prepared before the clock starts: one-use
+//! tokens created through the admin API (concurrently) and a fresh P-256 key
+//! and CSR per request (on every core). Only the token proof (one HMAC over
+//! the payload with the current timestamp) is computed per request, as a
+//! real client must. The broker runs in this process on its own tokio
+//! runtime (threads `sigil-broker`, plus `sigil-store-writer`) unless
+//! `--broker` points at a running one; the clients run on another runtime
+//! (threads `sigil-loadgen`), so CPU time is split per thread name.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::IsTerminal,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use sigil::{
+    api::pb::{
+        self, admin_client::AdminClient, enroll_request::Credential,
+        identity_client::IdentityClient,
+    },
+    cli::{connect_admin, connect_tls, new_key_and_csr, tls_config, token_proof, Trust},
+    clock::{Clock, SystemClock},
+    config::Config,
+    token::{parse_token, TokenSecret},
+};
+use tokio::runtime::Runtime;
+use tonic::transport::Channel;
+
+use crate::{
+    floor::{self, Floor},
+    prefill, procstat,
+    stats::{self, round3, thousands, Rec, Summary},
+    svg, LoadArgs, TempDir,
+};
+
+/// How the clients reach the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// One long-lived HTTP/2 connection per client.
+    Reused,
+    /// A new TCP + TLS connection per enrollment, closed afterwards.
+    Fresh,
+}
+
+impl Mode {
+    fn scenario(self) -> &'static str {
+        match self {
+            Mode::Reused => "enroll-token",
+            Mode::Fresh => "fresh-connection",
+        }
+    }
+}
+
+/// One prepared request.
+struct Item {
+    token_id: String,
+    secret: TokenSecret,
+    csr: Vec<u8>,
+}
+
+/// What every client shares.
+struct Ctx {
+    url: String,
+    tls: rustls::ClientConfig,
+    audiences: Vec<String>,
+    jwt: bool,
+}
+
+/// One phase (warm-up or timed): its pool and live counters.
+struct Phase {
+    pool: Vec<Item>,
+    next: AtomicUsize,
+    ok: AtomicU64,
+    err: AtomicU64,
+    exhausted: AtomicBool,
+    done: AtomicBool,
+}
+
+impl Phase {
+    fn new(pool: Vec<Item>) -> Self {
+        Self {
+            pool,
+            next: AtomicUsize::new(0),
+            ok: AtomicU64::new(0),
+            err: AtomicU64::new(0),
+            exhausted: AtomicBool::new(false),
+            done: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Where the broker is.
+struct Target {
+    url: String,
+    admin_socket: PathBuf,
+    ca_pin: Option<String>,
+    /// Process whose CPU and RSS are the broker's (self when in-process).
+    pid: Option<u32>,
+    in_process: bool,
+    description: String,
+    prefill_secs: Option<f64>,
+}
+
+/// An in-process broker and what must outlive it.
+struct InProcess {
+    rt: Runtime,
+    running: sigil::server::Running,
+    prefill_secs: Option<f64>,
+    _dir: Option<TempDir>,
+}
+
+/// Runs a load scenario; returns the process exit code.
+///
+/// # Errors
+/// The benchmark could not run (bad flags, broker unreachable, setup failed).
+pub fn run(a: &LoadArgs, mode: Mode) -> anyhow::Result<i32> {
+    if a.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    if a.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        bail!("--rate must be a positive number of requests per second");
+    }
+    let external = a.broker.is_some();
+    if external && (a.prefill > 0 || a.data_dir.is_some()) {
+        bail!("--prefill and --data-dir apply to the in-process broker only (drop --broker)");
+    }
+    if !external && (a.admin_socket.is_some() || a.ca_pin.is_some() || a.broker_pid.is_some()) {
+        bail!("--admin-socket, --ca-pin and --broker-pid need --broker URL");
+    }
+    let cores = procstat::cores();
+
+    let floor = if a.floor_secs > 0.0 {
+        if !a.quiet {
+            eprintln!("measuring the crypto floor ({} s per op)…", a.floor_secs);
+        }
+        Some(floor::measure(a.floor_secs)?)
+    } else {
+        None
+    };
+
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(a.client_threads.unwrap_or(cores).max(1))
+        .thread_name("sigil-loadgen")
+        .thread_keep_alive(Duration::from_secs(3600))
+        .enable_all()
+        .build()
+        .context("client runtime")?;
+
+    let mut in_process = None;
+    let target =
+        match &a.broker {
+            Some(url) => Target {
+                url: url.clone(),
+                admin_socket: a.admin_socket.clone().context(
+                    "--broker needs --admin-socket PATH (tokens are created through it)",
+                )?,
+                ca_pin: a.ca_pin.clone(),
+                pid: a.broker_pid,
+                in_process: false,
+                prefill_secs: None,
+                description: format!(
+                    "external broker {url}{}",
+                    a.broker_pid
+                        .map(|p| format!(" (pid {p})"))
+                        .unwrap_or_default()
+                ),
+            },
+            None => {
+                let b = start_in_process(a, cores)?;
+                let t = Target {
+                    url: format!("https://127.0.0.1:{}", b.running.addr.port()),
+                    admin_socket: b.running.admin_socket.clone(),
+                    ca_pin: Some(b.running.ca_pin.clone()),
+                    pid: Some(std::process::id()),
+                    in_process: true,
+                    prefill_secs: b.prefill_secs,
+                    description: format!(
+                    "in-process broker (group commit {}, {} broker threads, {} client threads{})",
+                    if a.group_commit { "on" } else { "off" },
+                    a.broker_threads.unwrap_or(cores),
+                    a.client_threads.unwrap_or(cores),
+                    if a.prefill > 0 {
+                        format!(", prefilled with {} issued certificates", thousands(a.prefill))
+                    } else {
+                        String::new()
+                    }
+                ),
+                };
+                in_process = Some(b);
+                t
+            }
+        };
+
+    let result = client_rt.block_on(drive(a, mode, &target, floor.as_ref()));
+    if let Some(b) = in_process {
+        if let Err(e) = b.rt.block_on(b.running.shutdown()) {
+            eprintln!("sigil-bench: broker shutdown: {e:#}");
+        }
+    }
+    let (report, errors) = result?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(if errors > 0 {
+        crate::EXIT_REQUEST_ERRORS
+    } else {
+        0
+    })
+}
+
+fn start_in_process(a: &LoadArgs, cores: usize) -> anyhow::Result<InProcess> {
+    if a.broker_log != "off" {
+        // `sigil serve` logs every issuance at info; pay the formatting cost
+        // here too, into a sink (as `sigil serve >/dev/null` would).
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::sink)
+            .with_ansi(false)
+            .with_env_filter(tracing_subscriber::EnvFilter::new(&a.broker_log))
+            .try_init();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(a.broker_threads.unwrap_or(cores).max(1))
+        .thread_name("sigil-broker")
+        .thread_keep_alive(Duration::from_secs(3600))
+        .enable_all()
+        .build()
+        .context("broker runtime")?;
+    let (dir, data_dir) = match &a.data_dir {
+        Some(d) => (None, d.clone()),
+        None => {
+            let t = TempDir::new("broker")?;
+            let d = t.path().join("data");
+            (Some(t), d)
+        }
+    };
+    let prefill_secs = if a.prefill > 0 {
+        crate::make_private_dir(&data_dir)?;
+        Some(rt.block_on(prefill::run(&data_dir.join("sigil.db"), a.prefill, a.quiet))?)
+    } else {
+        None
+    };
+    let mut cfg = Config::with_data_dir(&data_dir);
+    cfg.listen = "127.0.0.1:0".parse()?;
+    cfg.group_commit = a.group_commit;
+    let running = rt
+        .block_on(sigil::server::start(cfg, Arc::new(SystemClock)))
+        .context("start the in-process broker")?;
+    Ok(InProcess {
+        rt,
+        running,
+        prefill_secs,
+        _dir: dir,
+    })
+}
+
+/// CPU and RSS readings at one instant.
+struct Snapshot {
+    at: Instant,
+    broker_cpu: Option<f64>,
+    /// The store's writer thread alone (in-process only; part of `broker_cpu`).
+    store_cpu: Option<f64>,
+    loadgen_cpu: f64,
+    process_cpu: f64,
+    machine: Option<(f64, f64)>,
+}
+
+fn classify_thread(comm: &str) -> &'static str {
+    if comm.starts_with("sigil-broker") {
+        "broker"
+    } else if comm.starts_with("sigil-store") {
+        "store"
+    } else if comm.starts_with("sigil-loadgen") {
+        "loadgen"
+    } else {
+        "other"
+    }
+}
+
+fn snapshot(t: &Target) -> Snapshot {
+    let me = std::process::id();
+    let process_cpu = procstat::process_cpu_secs(me).unwrap_or(0.0);
+    let (broker_cpu, store_cpu, loadgen_cpu) = if t.in_process {
+        let by = procstat::threads_cpu_secs(me, classify_thread);
+        let get = |c: &str| by.iter().find(|(k, _)| *k == c).map_or(0.0, |(_, s)| *s);
+        (
+            Some(get("broker") + get("store")),
+            Some(get("store")),
+            get("loadgen"),
+        )
+    } else {
+        let store = t.pid.and_then(|pid| {
+            let by = procstat::threads_cpu_secs(pid, classify_thread);
+            by.iter().find(|(k, _)| *k == "store").map(|(_, s)| *s)
+        });
+        (
+            t.pid.and_then(procstat::process_cpu_secs),
+            store,
+            process_cpu,
+        )
+    };
+    Snapshot {
+        at: Instant::now(),
+        broker_cpu,
+        store_cpu,
+        loadgen_cpu,
+        process_cpu,
+        machine: procstat::machine_cpu_secs(),
+    }
+}
+
+async fn connect_admins(
+    path: &std::path::Path,
+    n: usize,
+) -> anyhow::Result<Vec<AdminClient<Channel>>> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(AdminClient::new(connect_admin(path.to_path_buf()).await?));
+    }
+    Ok(v)
+}
+
+/// Creates `n` one-use tokens through the admin API and `n` fresh key+CSR
+/// pairs, both spread over every core.
+async fn prepare(
+    n: usize,
+    admins: &[AdminClient<Channel>],
+    trust_domain: &str,
+    quiet: bool,
+) -> anyhow::Result<Vec<Item>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let started = Instant::now();
+    let cores = procstat::cores();
+    let per = n.div_ceil(cores);
+    let csr_jobs: Vec<_> = (0..cores)
+        .map(|k| {
+            let m = per.min(n.saturating_sub(k * per));
+            tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Vec<u8>>> {
+                (0..m).map(|_| Ok(new_key_and_csr()?.1)).collect()
+            })
+        })
+        .collect();
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let workers = 64.min(n);
+    let mut jobs = Vec::with_capacity(workers);
+    for w in 0..workers {
+        let mut admin = admins[w % admins.len()].clone();
+        let next = next.clone();
+        let prefix = format!("spiffe://{trust_domain}/bench/w");
+        jobs.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Relaxed);
+                if i >= n {
+                    break;
+                }
+                let r = admin
+                    .create_enrollment_token(pb::CreateEnrollmentTokenRequest {
+                        spiffe_id: format!("{prefix}{i}"),
+                        ttl_seconds: 3600,
+                        max_uses: 1,
+                    })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("create token: {}", describe_status(&s)))?
+                    .into_inner();
+                let (id, secret) = parse_token(&r.token)?;
+                out.push((i, id, secret));
+            }
+            anyhow::Ok(out)
+        }));
+    }
+    let mut tokens: Vec<Option<(String, TokenSecret)>> = (0..n).map(|_| None).collect();
+    for j in jobs {
+        for (i, id, secret) in j.await.context("token task")?? {
+            tokens[i] = Some((id, secret));
+        }
+    }
+    let mut csrs = Vec::with_capacity(n);
+    for j in csr_jobs {
+        csrs.extend(j.await.context("CSR task")??);
+    }
+    let items: Vec<Item> = tokens
+        .into_iter()
+        .zip(csrs)
+        .filter_map(|(t, csr)| {
+            t.map(|(token_id, secret)| Item {
+                token_id,
+                secret,
+                csr,
+            })
+        })
+        .collect();
+    if items.len() != n {
+        bail!("prepared {} of {n} requests", items.len());
+    }
+    if !quiet {
+        eprintln!(
+            "prepared {} tokens and key+CSR pairs in {:.2} s",
+            thousands(n as u64),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(items)
+}
+
+fn describe_status(s: &tonic::Status) -> String {
+    format!("{}: {}", reason_of(s), s.message())
+}
+
+fn reason_of(s: &tonic::Status) -> String {
+    sigil::api::status::error_info(s)
+        .map(|(r, _)| r)
+        .unwrap_or_else(|| format!("GRPC_{:?}", s.code()).to_uppercase())
+}
+
+/// A client's results.
+#[derive(Default)]
+struct ClientOut {
+    recs: Vec<Rec>,
+    errors: HashMap<String, u64>,
+}
+
+/// One client: takes the next prepared item until the pool, the deadline
+/// or the schedule ends.
+async fn client(
+    ctx: Arc<Ctx>,
+    phase: Arc<Phase>,
+    channel: Option<Channel>,
+    t0: Instant,
+    deadline: Option<Instant>,
+    rate: Option<f64>,
+) -> ClientOut {
+    let mut out = ClientOut::default();
+    let mut reused = channel.map(IdentityClient::new);
+    loop {
+        let i = phase.next.fetch_add(1, Relaxed);
+        if i >= phase.pool.len() {
+            phase.exhausted.store(true, Relaxed);
+            break;
+        }
+        let start = match rate {
+            Some(r) => {
+                let at = t0 + Duration::from_secs_f64(i as f64 / r);
+                if deadline.is_some_and(|d| at >= d) {
+                    break;
+                }
+                tokio::time::sleep_until(at.into()).await;
+                at
+            }
+            None => {
+                let now = Instant::now();
+                if deadline.is_some_and(|d| now >= d) {
+                    break;
+                }
+                now
+            }
+        };
+        let item = &phase.pool[i];
+        let req = pb::EnrollRequest {
+            csr: item.csr.clone(),
+            credential: Some(Credential::Token(token_proof(
+                &item.token_id,
+                &item.secret,
+                &item.csr,
+                SystemClock.now_ms(),
+            ))),
+            jwt_audiences: ctx.audiences.clone(),
+        };
+        let result = match &mut reused {
+            Some(c) => c.enroll(req).await.map_err(|s| reason_of(&s)),
+            None => match connect_tls(&ctx.url, ctx.tls.clone()).await {
+                Ok(ch) => IdentityClient::new(ch)
+                    .enroll(req)
+                    .await
+                    .map_err(|s| reason_of(&s)),
+                Err(_) => Err("CONNECT_FAILED".to_owned()),
+            },
+        };
+        let lat = start.elapsed();
+        let verdict = match result {
+            Ok(r) => {
+                let r = r.into_inner();
+                if r.retried {
+                    Err("UNEXPECTED_RETRIED".to_owned())
+                } else if r.x509_svid_chain.is_empty() {
+                    Err("EMPTY_CHAIN".to_owned())
+                } else if ctx.jwt && r.jwt_svid.is_empty() {
+                    Err("MISSING_JWT".to_owned())
+                } else {
+                    Ok(())
+                }
+            }
+            Err(reason) => Err(reason),
+        };
+        let ok = verdict.is_ok();
+        if let Err(reason) = verdict {
+            *out.errors.entry(reason).or_default() += 1;
+            phase.err.fetch_add(1, Relaxed);
+        } else {
+            phase.ok.fetch_add(1, Relaxed);
+        }
+        out.recs.push(Rec {
+            start_us: start.saturating_duration_since(t0).as_micros() as u64,
+            lat_us: u32::try_from(lat.as_micros()).unwrap_or(u32::MAX),
+            ok,
+        });
+    }
+    out
+}
+
+/// What a phase produced.
+struct PhaseOut {
+    recs: Vec<Rec>,
+    errors: BTreeMap<String, u64>,
+    elapsed: Duration,
+    exhausted: bool,
+    rss_max_kib: Option<u64>,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_phase(
+    ctx: &Arc<Ctx>,
+    pool: Vec<Item>,
+    channels: &[Channel],
+    concurrency: usize,
+    duration: Option<Duration>,
+    rate: Option<f64>,
+    rss_pid: Option<u32>,
+    progress: Option<&str>,
+) -> anyhow::Result<PhaseOut> {
+    let phase = Arc::new(Phase::new(pool));
+    let t0 = Instant::now();
+    let deadline = duration.map(|d| t0 + d);
+    let sampler = tokio::spawn(sample(
+        phase.clone(),
+        t0,
+        rss_pid,
+        progress.map(str::to_owned),
+        duration,
+    ));
+    let mut tasks = Vec::with_capacity(concurrency);
+    for k in 0..concurrency {
+        let ch = channels.get(k).cloned();
+        tasks.push(tokio::spawn(client(
+            ctx.clone(),
+            phase.clone(),
+            ch,
+            t0,
+            deadline,
+            rate,
+        )));
+    }
+    let mut recs = Vec::new();
+    let mut errors = BTreeMap::new();
+    for t in tasks {
+        let o = t.await.context("client task")?;
+        recs.extend(o.recs);
+        for (k, v) in o.errors {
+            *errors.entry(k).or_default() += v;
+        }
+    }
+    let elapsed = t0.elapsed();
+    phase.done.store(true, Relaxed);
+    let rss_max_kib = sampler.await.unwrap_or(None);
+    recs.sort_unstable_by_key(|r| r.start_us);
+    Ok(PhaseOut {
+        recs,
+        errors,
+        elapsed,
+        exhausted: phase.exhausted.load(Relaxed),
+        rss_max_kib,
+    })
+}
+
+/// Samples the broker's RSS every 100 ms and prints a progress line.
+async fn sample(
+    phase: Arc<Phase>,
+    t0: Instant,
+    pid: Option<u32>,
+    label: Option<String>,
+    duration: Option<Duration>,
+) -> Option<u64> {
+    let tty = std::io::stderr().is_terminal();
+    let mut max = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut n = 0u64;
+    let mut last_ok = 0u64;
+    loop {
+        tick.tick().await;
+        if let Some((rss, _)) = pid.and_then(procstat::rss_kib) {
+            max = Some(max.map_or(rss, |m: u64| m.max(rss)));
+        }
+        let done = phase.done.load(Relaxed);
+        n += 1;
+        if let Some(label) = &label {
+            if done || n % if tty { 10 } else { 20 } == 0 {
+                let ok = phase.ok.load(Relaxed);
+                let secs = if tty { 1.0 } else { 2.0 };
+                let line = format!(
+                    "[{label} {:>5.1}s{}] ok {:>9}  errors {:>5}  {:>8.0}/s  broker RSS {}",
+                    t0.elapsed().as_secs_f64(),
+                    duration.map_or(String::new(), |d| format!("/{:.0}s", d.as_secs_f64())),
+                    thousands(ok),
+                    phase.err.load(Relaxed),
+                    (ok - last_ok) as f64 / secs,
+                    max.map_or("n/a".into(), |m| format!("{:.1} MiB", m as f64 / 1024.0)),
+                );
+                last_ok = ok;
+                if tty {
+                    eprint!("\r{line}   ");
+                    if done {
+                        eprintln!();
+                    }
+                } else if !done {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        if done {
+            return max;
+        }
+    }
+}
+
+/// The scenario end to end, on the client runtime. Returns the JSON report
+/// and the number of failed requests.
+async fn drive(
+    a: &LoadArgs,
+    mode: Mode,
+    target: &Target,
+    floor: Option<&Floor>,
+) -> anyhow::Result<(serde_json::Value, u64)> {
+    let admins = connect_admins(&target.admin_socket, 4).await?;
+    let pin = match &target.ca_pin {
+        Some(p) => p.clone(),
+        None => {
+            // Every token creation answers with the CA pin.
+            let mut admin = admins[0].clone();
+            admin
+                .create_enrollment_token(pb::CreateEnrollmentTokenRequest {
+                    spiffe_id: format!("spiffe://{}/bench/pin", a.trust_domain),
+                    ttl_seconds: 60,
+                    max_uses: 1,
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("create token: {}", describe_status(&s)))?
+                .into_inner()
+                .ca_pin
+        }
+    };
+    let mut tls = tls_config(&Trust::from_pin(&pin)?)?;
+    if mode == Mode::Fresh {
+        // A first-boot workload has no TLS session to resume.
+        tls.resumption = rustls::client::Resumption::disabled();
+    }
+    let ctx = Arc::new(Ctx {
+        url: target.url.clone(),
+        tls: tls.clone(),
+        audiences: if a.jwt {
+            vec!["https://bench.example".to_owned()]
+        } else {
+            Vec::new()
+        },
+        jwt: a.jwt,
+    });
+    // Fail fast with a clear message when the broker or the pin is wrong.
+    let bundle = IdentityClient::new(
+        connect_tls(&target.url, tls.clone())
+            .await
+            .with_context(|| format!("cannot reach {} with pin {pin}", target.url))?,
+    )
+    .get_bundle(pb::GetBundleRequest {})
+    .await
+    .map_err(|s| anyhow::anyhow!("GetBundle: {}", describe_status(&s)))?
+    .into_inner();
+    let trust_domain = if bundle.trust_domain.is_empty() {
+        a.trust_domain.clone()
+    } else {
+        bundle.trust_domain
+    };
+
+    let channels = match mode {
+        Mode::Reused => connect_channels(&target.url, &tls, a.concurrency).await?,
+        Mode::Fresh => Vec::new(),
+    };
+    let label = format!("{} c={}", mode.scenario(), a.concurrency);
+    let progress = (!a.quiet).then_some(label.as_str());
+
+    // Warm-up: also measures the rate that sizes the timed pool.
+    let mut est_rate = None;
+    if !a.warmup.is_zero() {
+        let w = ((4000.0 * a.warmup.as_secs_f64()) as usize).max(a.concurrency * 8);
+        let w = match a.rate {
+            Some(r) => w.min((r * a.warmup.as_secs_f64()) as usize + a.concurrency),
+            None => w,
+        };
+        let pool = prepare(w, &admins, &trust_domain, a.quiet).await?;
+        let out = run_phase(
+            &ctx,
+            pool,
+            &channels,
+            a.concurrency,
+            Some(a.warmup),
+            a.rate,
+            None,
+            None,
+        )
+        .await?;
+        let ok = out.recs.iter().filter(|r| r.ok).count();
+        est_rate = Some(ok as f64 / out.elapsed.as_secs_f64().max(1e-3));
+        if !a.quiet {
+            eprintln!(
+                "warm-up: {} ok in {:.2} s ({:.0}/s){}",
+                thousands(ok as u64),
+                out.elapsed.as_secs_f64(),
+                est_rate.unwrap_or(0.0),
+                if out.errors.is_empty() {
+                    String::new()
+                } else {
+                    format!(", errors {:?}", out.errors)
+                }
+            );
+        }
+    }
+    let duration = if a.requests.is_some() {
+        None
+    } else {
+        Some(a.duration)
+    };
+    let n = match (a.requests, a.tokens) {
+        (Some(n), _) => n,
+        (None, Some(t)) => t,
+        (None, None) => {
+            let rate = a.rate.or(est_rate).unwrap_or(5000.0);
+            (rate * a.duration.as_secs_f64() * 1.3) as usize + a.concurrency * 2 + 100
+        }
+    };
+    let pool = prepare(n, &admins, &trust_domain, a.quiet).await?;
+
+    // Timed phase.
+    let before = snapshot(target);
+    let rss_before = target.pid.and_then(procstat::rss_kib);
+    let hwm_reset = target.pid.is_some_and(procstat::reset_peak_rss);
+    let out = run_phase(
+        &ctx,
+        pool,
+        &channels,
+        a.concurrency,
+        duration,
+        a.rate,
+        target.pid,
+        progress,
+    )
+    .await?;
+    let after = snapshot(target);
+    let rss_after = target.pid.and_then(procstat::rss_kib);
+    drop(channels);
+
+    let report = Report {
+        a,
+        mode,
+        target,
+        floor,
+        out: &out,
+        before: &before,
+        after: &after,
+        rss_before,
+        rss_after,
+        hwm_reset,
+    };
+    let json = report.json();
+    if !a.json {
+        print!("{}", report.human());
+    }
+    if let Some(path) = &a.plot {
+        let title = format!(
+            "sigil {} c={} jwt={} — {}",
+            mode.scenario(),
+            a.concurrency,
+            if a.jwt { "on" } else { "off" },
+            procstat::utc_now()
+        );
+        std::fs::write(path, svg::plot(&title, &out.recs))
+            .with_context(|| format!("write {}", path.display()))?;
+        if !a.quiet {
+            eprintln!("plot written to {}", path.display());
+        }
+    }
+    let failed = out.errors.values().sum();
+    Ok((json, failed))
+}
+
+/// `n` independent HTTP/2 connections (tonic clones share one, so each
+/// client gets its own), opened 32 at a time.
+async fn connect_channels(
+    url: &str,
+    tls: &rustls::ClientConfig,
+    n: usize,
+) -> anyhow::Result<Vec<Channel>> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let batch = (n - out.len()).min(32);
+        let jobs: Vec<_> = (0..batch)
+            .map(|_| {
+                let (url, tls) = (url.to_owned(), tls.clone());
+                tokio::spawn(async move { connect_tls(&url, tls).await })
+            })
+            .collect();
+        for j in jobs {
+            out.push(j.await.context("connect task")??);
+        }
+    }
+    Ok(out)
+}
+
+/// Everything the report needs.
+struct Report<'a> {
+    a: &'a LoadArgs,
+    mode: Mode,
+    target: &'a Target,
+    floor: Option<&'a Floor>,
+    out: &'a PhaseOut,
+    before: &'a Snapshot,
+    after: &'a Snapshot,
+    rss_before: Option<(u64, u64)>,
+    rss_after: Option<(u64, u64)>,
+    hwm_reset: bool,
+}
+
+impl Report<'_> {
+    fn wall(&self) -> f64 {
+        self.after
+            .at
+            .duration_since(self.before.at)
+            .as_secs_f64()
+            .max(1e-6)
+    }
+
+    fn ok(&self) -> usize {
+        self.out.recs.iter().filter(|r| r.ok).count()
+    }
+
+    fn rps(&self) -> f64 {
+        self.ok() as f64 / self.out.elapsed.as_secs_f64().max(1e-6)
+    }
+
+    /// The store writer thread's share, in cores.
+    fn store_cpu(&self) -> Option<f64> {
+        match (self.before.store_cpu, self.after.store_cpu) {
+            (Some(b), Some(e)) => Some((e - b).max(0.0) / self.wall()),
+            _ => None,
+        }
+    }
+
+    /// (broker, load generator, rest of this process, other processes) in cores.
+    fn cpu(&self) -> (Option<f64>, f64, f64, Option<f64>) {
+        let w = self.wall();
+        let broker = match (self.before.broker_cpu, self.after.broker_cpu) {
+            (Some(b), Some(e)) => Some((e - b).max(0.0) / w),
+            _ => None,
+        };
+        let loadgen = (self.after.loadgen_cpu - self.before.loadgen_cpu).max(0.0) / w;
+        let process = (self.after.process_cpu - self.before.process_cpu).max(0.0) / w;
+        let rest = if self.target.in_process {
+            (process - broker.unwrap_or(0.0) - loadgen).max(0.0)
+        } else {
+            0.0
+        };
+        let ours = if self.target.in_process {
+            process
+        } else {
+            process + broker.unwrap_or(0.0)
+        };
+        let others = match (self.before.machine, self.after.machine) {
+            (Some((b, _)), Some((e, _))) => Some(((e - b) / w - ours).max(0.0)),
+            _ => None,
+        };
+        (broker, loadgen, rest, others)
+    }
+
+    fn floor_for(&self) -> Option<f64> {
+        self.floor.map(|f| f.all_cores(self.a.jwt))
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let sorted = stats::sorted_ok_latencies(&self.out.recs);
+        let s = Summary::of(&sorted);
+        let (broker, loadgen, rest, others) = self.cpu();
+        let mib = |k: u64| round3(k as f64 / 1024.0);
+        serde_json::json!({
+            "scenario": self.mode.scenario(),
+            "label": self.a.label,
+            "date": procstat::utc_now(),
+            "concurrency": self.a.concurrency,
+            "jwt": self.a.jwt,
+            "connections": match self.mode { Mode::Reused => "reused", Mode::Fresh => "fresh (no TLS resumption)" },
+            "rate_limit": self.a.rate,
+            "broker": {
+                "where": if self.target.in_process { "in-process" } else { "external" },
+                "description": self.target.description,
+                "group_commit": self.target.in_process.then_some(self.a.group_commit),
+                "prefill": self.a.prefill,
+                "prefill_seconds": self.target.prefill_secs.map(round3),
+            },
+            "cores": procstat::cores(),
+            "duration_s": round3(self.out.elapsed.as_secs_f64()),
+            "stopped_early_pool_exhausted": self.out.exhausted && self.a.requests.is_none(),
+            "ok": self.ok(),
+            "errors": self.out.errors,
+            "rps": round3(self.rps()),
+            "latency_ms": s.to_json(),
+            "cpu_cores": {
+                "broker": broker.map(round3),
+                "broker_store_writer": self.store_cpu().map(round3),
+                "loadgen": round3(loadgen),
+                "rest_of_bench_process": round3(rest),
+                "other_processes": others.map(round3),
+            },
+            "rss_mib": {
+                "broker_before": self.rss_before.map(|r| mib(r.0)),
+                "broker_after": self.rss_after.map(|r| mib(r.0)),
+                "broker_max_sampled": self.out.rss_max_kib.map(mib),
+                "broker_peak_vmhwm": self.rss_after.map(|r| mib(r.1)),
+                "peak_reset_at_start": self.hwm_reset,
+                "includes_load_generator": self.target.in_process,
+            },
+            "floor": self.floor.map(Floor::to_json),
+            "floor_rps": self.floor_for().map(round3),
+            "throughput_over_floor": self.floor_for().map(|f| round3(self.rps() / f)),
+            "cpu_us_per_enrollment": {
+                "broker": broker.filter(|_| self.ok() > 0).map(|b| round3(b * self.wall() * 1e6 / self.ok() as f64)),
+                "broker_store_writer": self.store_cpu().filter(|_| self.ok() > 0).map(|b| round3(b * self.wall() * 1e6 / self.ok() as f64)),
+            },
+        })
+    }
+
+    fn human(&self) -> String {
+        let sorted = stats::sorted_ok_latencies(&self.out.recs);
+        let s = Summary::of(&sorted);
+        let (broker, loadgen, rest, others) = self.cpu();
+        let mut o = format!(
+            "sigil-bench {}  c={}  jwt={}  {}{}\n  {}\n",
+            self.mode.scenario(),
+            self.a.concurrency,
+            if self.a.jwt { "on" } else { "off" },
+            match self.mode {
+                Mode::Reused => "one reused HTTP/2 connection per client",
+                Mode::Fresh => "new TLS connection per enrollment",
+            },
+            self.a
+                .rate
+                .map(|r| format!("  open loop at {r:.0}/s (latency from the scheduled send time)"))
+                .unwrap_or_default(),
+            self.target.description,
+        );
+        o += &format!(
+            "  duration     {:.2} s   ok {}   errors {}{}\n",
+            self.out.elapsed.as_secs_f64(),
+            thousands(self.ok() as u64),
+            self.out.errors.values().sum::<u64>(),
+            if self.out.errors.is_empty() {
+                String::new()
+            } else {
+                format!("  {:?}", self.out.errors)
+            }
+        );
+        if self.out.exhausted && self.a.requests.is_none() {
+            o += "  NOTE: the token pool ran out before the deadline; pass a larger --tokens\n";
+        }
+        o += &format!("  throughput   {:.1} enrollments/s\n", self.rps());
+        o += &format!(
+            "  latency ms   p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  mean {:.2}\n",
+            s.p50, s.p90, s.p99, s.p999, s.max, s.mean
+        );
+        o += &format!(
+            "  CPU (cores)  broker {}{}  load generator {:.2}{}  other processes {}  (of {} cores)\n",
+            broker.map_or("n/a".into(), |b| format!("{b:.2}")),
+            self.store_cpu()
+                .map_or(String::new(), |s| format!(" (store writer thread {s:.2})")),
+            loadgen,
+            if rest > 0.005 {
+                format!("  rest of sigil-bench {rest:.2}")
+            } else {
+                String::new()
+            },
+            others.map_or("n/a".into(), |b| format!("{b:.2}")),
+            procstat::cores()
+        );
+        let mib = |k: u64| format!("{:.1}", k as f64 / 1024.0);
+        if let Some((rss, hwm)) = self.rss_after {
+            o +=
+                &format!(
+                "  RSS MiB      broker before {}  after {}  max sampled {}  peak (VmHWM{}) {}{}\n",
+                self.rss_before.map_or("n/a".into(), |r| mib(r.0)),
+                mib(rss),
+                self.out.rss_max_kib.map_or("n/a".into(), mib),
+                if self.hwm_reset { ", reset at start" } else { ", since process start" },
+                mib(hwm),
+                if self.target.in_process {
+                    "  [in-process: includes the load generator]"
+                } else {
+                    ""
+                }
+            );
+        }
+        if let Some(b) = broker.filter(|_| self.ok() > 0) {
+            let per = |cores: f64| cores * self.wall() * 1e6 / self.ok() as f64;
+            o += &format!(
+                "  CPU per enrollment  broker {:.0} µs{}  load generator {:.0} µs\n",
+                per(b),
+                self.store_cpu().map_or(String::new(), |s| format!(
+                    " (of which store writer {:.0} µs)",
+                    per(s)
+                )),
+                per(loadgen)
+            );
+        }
+        if let (Some(f), Some(fl)) = (self.floor, self.floor_for()) {
+            o += &format!(
+                "  floor        {:.0}/s = {:.0}/s on 1 core × {} cores; throughput ÷ floor = {:.1} %\n",
+                fl,
+                f.one_core(self.a.jwt),
+                f.cores,
+                100.0 * self.rps() / fl
+            );
+        }
+        o
+    }
+}
