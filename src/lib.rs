@@ -22,8 +22,8 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod api;
-pub mod audit;
 pub mod attest;
+pub mod audit;
 pub mod ca;
 pub mod cli;
 pub mod clock;

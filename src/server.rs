@@ -26,11 +26,11 @@ use crate::{
     config::Config,
     core::{Broker, BrokerConfig, BrokerSecrets},
     secret::{self, Secret},
-    tls::{DynamicTls, TlsMaterial},
     store::{
         sqlite::{SqliteOptions, SqliteStore},
         Store,
     },
+    tls::{DynamicTls, TlsMaterial},
     token::TokenKey,
 };
 
@@ -311,6 +311,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     let m_dir = cfg.data_dir.clone();
     let mut m_stop = stop_rx.clone();
     let mut bundle_rx = broker.watch_bundle();
+    let mut crl_rx = broker.watch_crls();
     let purger = tokio::spawn(async move {
         let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
         loop {
@@ -320,6 +321,11 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
                         tracing::warn!(error = %e, "maintenance failed");
                     }
                     m_tls.set_grace_secs(plan_grace(&m_broker));
+                }
+                changed = crl_rx.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
                     write_crl(&m_dir, &m_broker);
                 }
                 changed = bundle_rx.changed() => {
@@ -336,7 +342,6 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
                         }
                         Err(e) => tracing::error!(error = %e, "serving certificate failed"),
                     }
-                    write_crl(&m_dir, &m_broker);
                 }
                 _ = m_stop.changed() => break,
             }
@@ -389,7 +394,9 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
 fn tls_material(broker: &Broker, sans: &[String], now_ms: i64) -> anyhow::Result<TlsMaterial> {
     let view = broker.authority().view();
     let ca = view.serving();
-    let (leaf, key) = ca.serving_cert(sans, now_ms).context("serving certificate")?;
+    let (leaf, key) = ca
+        .serving_cert(sans, now_ms)
+        .context("serving certificate")?;
     Ok(TlsMaterial {
         chain: vec![leaf, ca.ca_cert_der().to_vec()],
         key_pkcs8: key,

@@ -83,10 +83,7 @@ impl pb::identity_server::Identity for IdentityApi {
     ) -> Result<Response<pb::EnrollResponse>, Status> {
         let caller = caller::public_caller(&request);
         let r = request.into_inner();
-        let out = self
-            .broker
-            .renew(&r.csr, &r.jwt_audiences, &caller)
-            .await?;
+        let out = self.broker.renew(&r.csr, &r.jwt_audiences, &caller).await?;
         Ok(Response::new(enroll_response(out)))
     }
 

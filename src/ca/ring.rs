@@ -416,10 +416,21 @@ impl Authority {
         Ok(id)
     }
 
-    fn activate(m: &mut Manifest, id: u32, now_ms: i64, max_svid_ttl_secs: i64, ca_not_after_ms: i64, taint: bool) {
+    fn activate(
+        m: &mut Manifest,
+        id: u32,
+        now_ms: i64,
+        max_svid_ttl_secs: i64,
+        ca_not_after_ms: i64,
+        taint: bool,
+    ) {
         for g in &mut m.generations {
             if g.state == GenState::Active {
-                g.state = if taint { GenState::Dropped } else { GenState::Retired };
+                g.state = if taint {
+                    GenState::Dropped
+                } else {
+                    GenState::Retired
+                };
                 g.retired_ms = Some(now_ms);
                 g.tainted = taint;
                 g.drop_after_ms = Some(
@@ -466,7 +477,14 @@ impl Authority {
             changed = true;
         } else if let Some(p) = prepared {
             if now_ms >= created + life * 5 / 6 {
-                Self::activate(&mut m, p, now_ms, max_svid_ttl_secs, active.ca_not_after_ms(), false);
+                Self::activate(
+                    &mut m,
+                    p,
+                    now_ms,
+                    max_svid_ttl_secs,
+                    active.ca_not_after_ms(),
+                    false,
+                );
                 changed = true;
             }
         }
@@ -501,7 +519,14 @@ impl Authority {
             Some(g) => g.id,
             None => self.new_generation(&mut m, now_ms)?,
         };
-        Self::activate(&mut m, new, now_ms, max_svid_ttl_secs, active.ca_not_after_ms(), taint);
+        Self::activate(
+            &mut m,
+            new,
+            now_ms,
+            max_svid_ttl_secs,
+            active.ca_not_after_ms(),
+            taint,
+        );
         self.commit(m, now_ms)?;
         Ok(Rotated {
             old: active.generation(),
@@ -544,13 +569,17 @@ mod tests {
     #[test]
     fn schedule_prepares_at_half_activates_at_five_sixths_and_drops_after_overlap() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, created) = Authority::load_or_create(dir.path(), &td(), T0, RingOptions::default()).unwrap();
+        let (a, created) =
+            Authority::load_or_create(dir.path(), &td(), T0, RingOptions::default()).unwrap();
         assert!(created);
         let seq0 = a.view().sequence;
         assert!(!a.tick(T0 + DAY, 86_400).unwrap());
         assert!(a.tick(T0 + 7 * DAY / 2 + 60_000, 86_400).unwrap());
         let v = a.view();
-        assert_eq!(kinds(&v), vec![(1, GenState::Active), (2, GenState::Prepared)]);
+        assert_eq!(
+            kinds(&v),
+            vec![(1, GenState::Active), (2, GenState::Prepared)]
+        );
         assert_eq!(v.x509_authorities().len(), 2, "prepared CA published");
         let bundle: Value = serde_json::from_str(&v.bundle_json(300)).unwrap();
         assert_eq!(bundle["keys"].as_array().unwrap().len(), 4);
@@ -562,7 +591,10 @@ mod tests {
         let v = a.view();
         assert_eq!(v.active().generation(), 2);
         assert_eq!(v.active().jwt_kid(), prepared_kid);
-        assert_eq!(kinds(&v), vec![(1, GenState::Retired), (2, GenState::Active)]);
+        assert_eq!(
+            kinds(&v),
+            vec![(1, GenState::Retired), (2, GenState::Active)]
+        );
         // Old generation stays until everything it signed expired.
         assert!(!a.tick(act + DAY - 1000, 86_400).unwrap());
         assert!(a.tick(act + DAY, 86_400).unwrap());
@@ -571,7 +603,9 @@ mod tests {
         assert_eq!(v.generations.len(), 1, "dropped generation not loaded");
 
         // Survives reload.
-        let (b, created) = Authority::load_or_create(dir.path(), &td(), act + DAY, RingOptions::default()).unwrap();
+        let (b, created) =
+            Authority::load_or_create(dir.path(), &td(), act + DAY, RingOptions::default())
+                .unwrap();
         assert!(!created);
         assert_eq!(b.view().sequence, v.sequence);
         assert_eq!(b.active().ca_pin(), v.active().ca_pin());
@@ -580,7 +614,8 @@ mod tests {
     #[test]
     fn forced_rotation_with_taint_drops_old_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, _) = Authority::load_or_create(dir.path(), &td(), T0, RingOptions::default()).unwrap();
+        let (a, _) =
+            Authority::load_or_create(dir.path(), &td(), T0, RingOptions::default()).unwrap();
         let r = a.rotate_now(T0 + 1000, 86_400, false).unwrap();
         assert_eq!((r.old, r.new), (1, 2));
         assert_eq!(a.view().x509_authorities().len(), 2);

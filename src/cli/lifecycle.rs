@@ -30,7 +30,11 @@ pub struct SvidTarget {
 
 impl SvidTarget {
     async fn identity(&self) -> Result<IdentityClient<tonic::transport::Channel>, CliError> {
-        let trust = trust_from(self.ca_pin.as_deref(), self.bundle.as_deref(), Some(&self.cert))?;
+        let trust = trust_from(
+            self.ca_pin.as_deref(),
+            self.bundle.as_deref(),
+            Some(&self.cert),
+        )?;
         let id = ClientIdentity::from_files(&self.cert, &self.key)
             .map_err(|e| CliError::usage(format!("{e:#}")))?;
         let tls = client::tls_config_with(&trust, Some(id))
@@ -202,7 +206,10 @@ pub async fn renew(a: RenewArgs) -> Result<(), CliError> {
         let csr = rcgen::CertificateParams::new(Vec::<String>::new())
             .and_then(|p| p.serialize_request(&key))
             .map_err(|e| CliError::failure(e.to_string()))?;
-        (zeroize::Zeroizing::new(key.serialize_der()), csr.der().to_vec())
+        (
+            zeroize::Zeroizing::new(key.serialize_der()),
+            csr.der().to_vec(),
+        )
     } else {
         enroll::new_key_and_csr().map_err(|e| CliError::failure(format!("{e:#}")))?
     };
@@ -230,13 +237,16 @@ pub async fn renew(a: RenewArgs) -> Result<(), CliError> {
 /// `sigil jwt [validate]`.
 pub async fn jwt(a: JwtArgs) -> Result<(), CliError> {
     match (a.cmd, a.fetch) {
-        (Some(JwtCmd::Validate {
-            broker,
-            ca_pin,
-            bundle,
-            token,
-            audience,
-        }), _) => {
+        (
+            Some(JwtCmd::Validate {
+                broker,
+                ca_pin,
+                bundle,
+                token,
+                audience,
+            }),
+            _,
+        ) => {
             let token = if token == "-" {
                 let mut s = String::new();
                 std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
@@ -286,7 +296,10 @@ pub async fn revoke(a: RevokeArgs) -> Result<(), CliError> {
             } else {
                 format!("until {}", r.expires_at)
             };
-            println!("{:<10} {}  at {}  {exp}  {}", r.kind, r.value, r.revoked_at, r.reason);
+            println!(
+                "{:<10} {}  at {}  {exp}  {}",
+                r.kind, r.value, r.revoked_at, r.reason
+            );
         }
         return Ok(());
     }
@@ -346,11 +359,15 @@ pub async fn ca(cmd: CaCmd) -> Result<(), CliError> {
 pub async fn bundle(cmd: BundleCmd) -> Result<(), CliError> {
     match cmd {
         BundleCmd::Show { target, pem } => {
-            let b = plain(&target.broker, target.ca_pin.as_deref(), target.bundle.as_deref())
-                .await?
-                .get_bundle(pb::GetBundleRequest {})
-                .await?
-                .into_inner();
+            let b = plain(
+                &target.broker,
+                target.ca_pin.as_deref(),
+                target.bundle.as_deref(),
+            )
+            .await?
+            .get_bundle(pb::GetBundleRequest {})
+            .await?
+            .into_inner();
             if pem {
                 print!("{}", enroll::pem_all(&b.x509_authorities));
             } else {
@@ -359,11 +376,15 @@ pub async fn bundle(cmd: BundleCmd) -> Result<(), CliError> {
             Ok(())
         }
         BundleCmd::Watch { target } => {
-            let mut s = plain(&target.broker, target.ca_pin.as_deref(), target.bundle.as_deref())
-                .await?
-                .watch_bundle(pb::GetBundleRequest {})
-                .await?
-                .into_inner();
+            let mut s = plain(
+                &target.broker,
+                target.ca_pin.as_deref(),
+                target.bundle.as_deref(),
+            )
+            .await?
+            .watch_bundle(pb::GetBundleRequest {})
+            .await?
+            .into_inner();
             while let Some(b) = s.message().await? {
                 println!("{}", b.spiffe_bundle_json);
             }

@@ -137,7 +137,10 @@ type Signals = (tokio::signal::unix::Signal, tokio::signal::unix::Signal);
 
 fn install_signals() -> std::io::Result<Signals> {
     use tokio::signal::unix::{signal, SignalKind};
-    Ok((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+    Ok((
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::interrupt())?,
+    ))
 }
 
 async fn wait_for_signal((mut term, mut int): Signals) {

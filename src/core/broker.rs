@@ -273,6 +273,8 @@ pub struct Broker {
     pub(super) revocations: RwLock<Arc<super::lifecycle::RevocationSet>>,
     pub(super) bundle_tx: tokio::sync::watch::Sender<u64>,
     pub(super) crls: RwLock<Arc<Vec<Vec<u8>>>>,
+    /// Bumped whenever the CRLs are regenerated (the server rewrites crl.der).
+    pub(super) crl_tx: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -303,6 +305,7 @@ impl Broker {
             revocations: RwLock::new(Arc::default()),
             bundle_tx,
             crls: RwLock::new(Arc::default()),
+            crl_tx: tokio::sync::watch::channel(0).0,
             token_key: secrets.token_key,
             bootstrap_secret: secrets.bootstrap,
             bootstrap_source: secrets.bootstrap_source,

@@ -107,7 +107,8 @@ impl Broker {
         *self
             .revocations
             .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(RevocationSet::from_records(&records));
+            .unwrap_or_else(PoisonError::into_inner) =
+            Arc::new(RevocationSet::from_records(&records));
         Ok(())
     }
 
@@ -273,7 +274,9 @@ impl Broker {
             let id = SpiffeId::parse(&cert.spiffe_id).map_err(|_| Error::Internal)?;
             let plan = self.active_plan();
             let ttls = self.ttls_for(plan.as_deref(), id.as_str());
-            let cap = plan.as_ref().map_or(ttls.jwt, |p| p.plan.limits.max_svid_ttl);
+            let cap = plan
+                .as_ref()
+                .map_or(ttls.jwt, |p| p.plan.limits.max_svid_ttl);
             let ttl = match i64::from(ttl_secs) {
                 0 => ttls.jwt,
                 t => t.min(cap),
@@ -360,18 +363,18 @@ impl Broker {
     ) -> Result<RevocationRecord, Error> {
         self.authorize_admin(caller).await?;
         if reason.len() > 512 || value.is_empty() || value.len() > 2048 {
-            return Err(Error::Malformed("value must be 1..=2048 bytes, reason ≤ 512".into()));
+            return Err(Error::Malformed(
+                "value must be 1..=2048 bytes, reason ≤ 512".into(),
+            ));
         }
         let now = self.clock.now_ms();
         let horizon = now.saturating_add(self.max_svid_ttl_secs().saturating_mul(1000));
         let (kind, value, expires) = match kind {
             "serial" => {
                 let serial = value.to_ascii_lowercase();
-                let cert = self
-                    .store
-                    .fetch_issued(&serial)
-                    .await?
-                    .ok_or_else(|| Error::Malformed(format!("no certificate with serial {serial}")))?;
+                let cert = self.store.fetch_issued(&serial).await?.ok_or_else(|| {
+                    Error::Malformed(format!("no certificate with serial {serial}"))
+                })?;
                 (RevocationKind::Serial, serial, Some(cert.not_after_ms))
             }
             "spiffe_id" => {
@@ -398,7 +401,11 @@ impl Broker {
         Ok(record)
     }
 
-    async fn store_revocation(&self, record: RevocationRecord, caller: &Caller) -> Result<(), Error> {
+    async fn store_revocation(
+        &self,
+        record: RevocationRecord,
+        caller: &Caller,
+    ) -> Result<(), Error> {
         let audit = AuditRecord::new(record.revoked_at_ms, AuditKind::Revoked, "ok")
             .field("kind", record.kind.as_str())
             .field("value", record.value.as_str())
@@ -443,7 +450,12 @@ impl Broker {
                 .map(|(s, at, _)| (s.clone(), at.div_euclid(1000)))
                 .collect();
             let der = ca
-                .crl(&mine, u64::try_from(now).unwrap_or(0), now, now + CRL_VALIDITY_MS)
+                .crl(
+                    &mine,
+                    u64::try_from(now).unwrap_or(0),
+                    now,
+                    now + CRL_VALIDITY_MS,
+                )
                 .map_err(|e| {
                     tracing::error!(error = %e, "CRL signing failed");
                     Error::Internal
@@ -452,12 +464,16 @@ impl Broker {
         }
         let crls = Arc::new(crls);
         *self.crls.write().unwrap_or_else(PoisonError::into_inner) = crls.clone();
+        self.crl_tx.send_modify(|n| *n += 1);
         Ok(crls)
     }
 
     /// The current CRLs (active generation first).
     pub fn crls(&self) -> Arc<Vec<Vec<u8>>> {
-        self.crls.read().unwrap_or_else(PoisonError::into_inner).clone()
+        self.crls
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Forces a rotation (or only prepares the next generation). With
@@ -523,6 +539,11 @@ impl Broker {
         if let Err(e) = self.refresh_crls().await {
             tracing::error!(error = %e, "CRL refresh after bundle change failed");
         }
+    }
+
+    /// Subscribes to CRL regenerations.
+    pub fn watch_crls(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.crl_tx.subscribe()
     }
 
     /// Subscribes to bundle changes (the value is the bundle sequence).

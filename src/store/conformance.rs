@@ -1058,7 +1058,12 @@ pub async fn plan_lifecycle(store: &dyn Store) {
 
 // === Revocations ===
 
-fn revocation(kind: RevocationKind, value: &str, at: i64, expires: Option<i64>) -> RevocationRecord {
+fn revocation(
+    kind: RevocationKind,
+    value: &str,
+    at: i64,
+    expires: Option<i64>,
+) -> RevocationRecord {
     RevocationRecord {
         kind,
         value: value.into(),
@@ -1095,17 +1100,29 @@ pub async fn revocation_and_renewal(store: &dyn Store) {
 
     // Unknown parent.
     assert_eq!(
-        store.renew_cert(renewal("00ff", "rev-x", NOW)).await.unwrap(),
+        store
+            .renew_cert(renewal("00ff", "rev-x", NOW))
+            .await
+            .unwrap(),
         RenewOutcome::UnknownParent
     );
     // By serial.
     store
-        .revoke(revocation(RevocationKind::Serial, &s1, NOW + 1, Some(NOW + HOUR)), AuditRecord::new(NOW, AuditKind::Denied, "revoked"))
+        .revoke(
+            revocation(RevocationKind::Serial, &s1, NOW + 1, Some(NOW + HOUR)),
+            AuditRecord::new(NOW, AuditKind::Denied, "revoked"),
+        )
         .await
         .unwrap();
     assert!(store.is_revoked(&s1).await.unwrap());
     assert!(!store.is_revoked(&s2).await.unwrap());
-    assert_eq!(store.renew_cert(renewal(&s1, "rev-a", NOW + 2)).await.unwrap(), RenewOutcome::Revoked);
+    assert_eq!(
+        store
+            .renew_cert(renewal(&s1, "rev-a", NOW + 2))
+            .await
+            .unwrap(),
+        RenewOutcome::Revoked
+    );
     let child = renewal(&s2, "rev-b", NOW + 2);
     let child_serial = child.cert.serial.clone();
     assert_eq!(store.renew_cert(child).await.unwrap(), RenewOutcome::Issued);
@@ -1116,11 +1133,17 @@ pub async fn revocation_and_renewal(store: &dyn Store) {
     // By SPIFFE ID: covers what was issued up to the revocation time only.
     let sid = r2.cert.spiffe_id.clone();
     store
-        .revoke(revocation(RevocationKind::SpiffeId, &sid, NOW + 1, Some(NOW + HOUR)), AuditRecord::new(NOW, AuditKind::Denied, "revoked"))
+        .revoke(
+            revocation(RevocationKind::SpiffeId, &sid, NOW + 1, Some(NOW + HOUR)),
+            AuditRecord::new(NOW, AuditKind::Denied, "revoked"),
+        )
         .await
         .unwrap();
     assert!(store.is_revoked(&s2).await.unwrap());
-    assert!(!store.is_revoked(&child_serial).await.unwrap(), "issued after the revocation");
+    assert!(
+        !store.is_revoked(&child_serial).await.unwrap(),
+        "issued after the revocation"
+    );
     let crl = store.revoked_serials(NOW).await.unwrap();
     let listed: Vec<&str> = crl.iter().map(|(s, _, _)| s.as_str()).collect();
     assert!(listed.contains(&s1.as_str()) && listed.contains(&s2.as_str()));
@@ -1128,14 +1151,19 @@ pub async fn revocation_and_renewal(store: &dyn Store) {
 
     // By CA generation: everything it signed.
     store
-        .revoke(revocation(RevocationKind::CaGeneration, "1", NOW + 3, None), AuditRecord::new(NOW, AuditKind::Denied, "revoked"))
+        .revoke(
+            revocation(RevocationKind::CaGeneration, "1", NOW + 3, None),
+            AuditRecord::new(NOW, AuditKind::Denied, "revoked"),
+        )
         .await
         .unwrap();
     assert!(store.is_revoked(&child_serial).await.unwrap());
 
     // Listing hides expired entries; purge deletes them; a permanent one stays.
     let listed = store.list_revocations(NOW).await.unwrap();
-    assert!(listed.iter().any(|r| r.kind == RevocationKind::Serial && r.value == s1));
+    assert!(listed
+        .iter()
+        .any(|r| r.kind == RevocationKind::Serial && r.value == s1));
     let later = store.list_revocations(NOW + HOUR).await.unwrap();
     assert!(later.iter().all(|r| r.expires_at_ms.is_none()));
     assert!(store.purge_expired(NOW + HOUR).await.unwrap() >= 2);
@@ -1145,6 +1173,10 @@ pub async fn revocation_and_renewal(store: &dyn Store) {
         "expired revocations purged: {left:?}"
     );
     // A certificate that has expired is no longer listed in the CRL.
-    assert!(store.revoked_serials(NOW + 2 * HOUR).await.unwrap().is_empty());
+    assert!(store
+        .revoked_serials(NOW + 2 * HOUR)
+        .await
+        .unwrap()
+        .is_empty());
     all_audit(store).await;
 }

@@ -597,7 +597,11 @@ fn revocation_from_row(r: &Row<'_>) -> rusqlite::Result<RevocationRecord> {
 }
 
 /// Inserts an issued certificate row.
-fn insert_issued(conn: &Connection, c: &IssuedCert, token_id: Option<&str>) -> rusqlite::Result<()> {
+fn insert_issued(
+    conn: &Connection,
+    c: &IssuedCert,
+    token_id: Option<&str>,
+) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "INSERT INTO issued (serial, token_id, spiffe_id, spki_sha256, issued_at_ms, \
          not_after_ms, der, ca_gen, origin, node) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",

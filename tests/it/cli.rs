@@ -310,7 +310,12 @@ fn operators_first_five_minutes() {
     let child = serve(&data, &log);
     wait_for(&data.join("listen.addr"));
     wait_for(&data.join("admin.sock"));
-    let broker = format!("https://{}", std::fs::read_to_string(data.join("listen.addr")).unwrap().trim());
+    let broker = format!(
+        "https://{}",
+        std::fs::read_to_string(data.join("listen.addr"))
+            .unwrap()
+            .trim()
+    );
     let d = data.to_str().unwrap();
     let plan = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/foundation-plan.toml");
 
@@ -333,20 +338,49 @@ fn operators_first_five_minutes() {
         .to_owned();
 
     // Bootstrap with the sample plan: prints the admin's one-time token.
-    let o = sigil(&["plan", "bootstrap", "--broker", &broker, "--ca-pin", &pin, "--plan", plan, "--secret-file", &secret_path]);
+    let o = sigil(&[
+        "plan",
+        "bootstrap",
+        "--broker",
+        &broker,
+        "--ca-pin",
+        &pin,
+        "--plan",
+        plan,
+        "--secret-file",
+        &secret_path,
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let out = String::from_utf8(o.stdout).unwrap();
     assert!(out.contains("PLAN_CREATED"), "{out}");
-    let enroll_line = out.lines().find(|l| l.trim_start().starts_with("sigil enroll ")).unwrap();
+    let enroll_line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("sigil enroll "))
+        .unwrap();
 
     // A second bootstrap is refused for good (exit 3).
-    let o = sigil(&["plan", "bootstrap", "--broker", &broker, "--ca-pin", &pin, "--plan", plan, "--secret-file", &secret_path]);
+    let o = sigil(&[
+        "plan",
+        "bootstrap",
+        "--broker",
+        &broker,
+        "--ca-pin",
+        &pin,
+        "--plan",
+        plan,
+        "--secret-file",
+        &secret_path,
+    ]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stderr).contains("BOOTSTRAP_DISABLED"));
 
     // Enroll the admin with the printed line.
     let admin_dir = dir.path().join("admin-svid");
-    let mut args: Vec<String> = enroll_line.split_whitespace().skip(1).map(String::from).collect();
+    let mut args: Vec<String> = enroll_line
+        .split_whitespace()
+        .skip(1)
+        .map(String::from)
+        .collect();
     let i = args.iter().position(|a| a == "--out").unwrap();
     args[i + 1] = admin_dir.to_str().unwrap().to_owned();
     let o = Command::new(BIN).args(&args).output().unwrap();
@@ -355,30 +389,82 @@ fn operators_first_five_minutes() {
     // The admin creates a workload token over mTLS, and the workload enrolls.
     let cert = admin_dir.join("svid.pem");
     let key = admin_dir.join("svid.key");
-    let o = sigil(&["token", "create", "--broker", &broker, "--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap(), "--spiffe-id", "spiffe://sigil.local/ci/build", "--json"]);
+    let o = sigil(&[
+        "token",
+        "create",
+        "--broker",
+        &broker,
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--spiffe-id",
+        "spiffe://sigil.local/ci/build",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let wl = dir.path().join("workload");
-    let o = sigil(&["enroll", "--broker", &broker, "--token", j["token"].as_str().unwrap(), "--ca-pin", &pin, "--out", wl.to_str().unwrap()]);
+    let o = sigil(&[
+        "enroll",
+        "--broker",
+        &broker,
+        "--token",
+        j["token"].as_str().unwrap(),
+        "--ca-pin",
+        &pin,
+        "--out",
+        wl.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
 
     // Status over mTLS: bootstrap is over, the secret is useless now.
-    let o = sigil(&["status", "--broker", &broker, "--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+    let o = sigil(&[
+        "status",
+        "--broker",
+        &broker,
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let s = String::from_utf8(o.stdout).unwrap();
-    assert!(s.contains("disabled for good") && s.contains("unused now"), "{s}");
-    let o = sigil(&["plan", "show", "--broker", &broker, "--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+    assert!(
+        s.contains("disabled for good") && s.contains("unused now"),
+        "{s}"
+    );
+    let o = sigil(&[
+        "plan",
+        "show",
+        "--broker",
+        &broker,
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("frontend.internal"));
     let o = sigil(&["plan", "diff", "--data-dir", d, "--plan", plan]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("identical"));
     // A workload's SVID is not an admin: denied (exit 3).
-    let o = sigil(&["status", "--broker", &broker, "--cert", wl.join("svid.pem").to_str().unwrap(), "--key", wl.join("svid.key").to_str().unwrap()]);
+    let o = sigil(&[
+        "status",
+        "--broker",
+        &broker,
+        "--cert",
+        wl.join("svid.pem").to_str().unwrap(),
+        "--key",
+        wl.join("svid.key").to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stderr).contains("NOT_AUTHORIZED"));
     stop(child);
     // The bootstrap secret never reached the log.
     let secret = std::fs::read_to_string(&secret_path).unwrap();
-    assert!(!std::fs::read_to_string(&log).unwrap().contains(secret.trim()));
+    assert!(!std::fs::read_to_string(&log)
+        .unwrap()
+        .contains(secret.trim()));
 }

@@ -70,11 +70,7 @@ impl TestBroker {
     }
 
     pub async fn identity(&self) -> IdentityClient<Channel> {
-        let trust = sigil::cli::Trust::from_pin(&self.running().ca_pin).unwrap();
-        let ch = sigil::cli::connect_tls(&self.url(), sigil::cli::tls_config(&trust).unwrap())
-            .await
-            .unwrap();
-        IdentityClient::new(ch)
+        IdentityClient::new(self.tls().await)
     }
 
     /// A TLS channel presenting a client certificate (mTLS).
@@ -89,12 +85,22 @@ impl TestBroker {
         .unwrap()
     }
 
-    /// A TLS channel without a client certificate.
+    /// A TLS channel without a client certificate, pinned to the broker's
+    /// current serving CA. After a rotation the server switches its
+    /// certificate asynchronously (milliseconds), so connecting retries briefly.
     pub async fn tls(&self) -> Channel {
-        let trust = sigil::cli::Trust::from_pin(&self.running().ca_pin).unwrap();
-        sigil::cli::connect_tls(&self.url(), sigil::cli::tls_config(&trust).unwrap())
-            .await
-            .unwrap()
+        let mut last = None;
+        for _ in 0..100 {
+            let trust = sigil::cli::Trust::from_pin(&self.running().broker.ca_pin()).unwrap();
+            match sigil::cli::connect_tls(&self.url(), sigil::cli::tls_config(&trust).unwrap())
+                .await
+            {
+                Ok(ch) => return ch,
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("cannot connect: {last:?}");
     }
 
     /// Enrolls `token` with a fresh key; returns (chain DER, PKCS#8 key DER).

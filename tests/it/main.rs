@@ -5,4 +5,5 @@ mod crash;
 mod enroll;
 mod fuzz_regressions;
 mod harness;
+mod lifecycle;
 mod plans;

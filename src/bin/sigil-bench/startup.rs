@@ -260,7 +260,11 @@ fn summary(boots: &[Boot]) -> serde_json::Value {
 /// The binary is missing or a boot failed.
 pub fn run(a: &StartupArgs) -> anyhow::Result<i32> {
     let sigil = sigil_binary(a)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // A worker thread keeps driving the client connection after each probe,
+    // so it answers the broker's GOAWAY and closes: an idle, unpolled
+    // connection would hold up the broker's graceful shutdown.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()?;
     let idle = a.idle;
