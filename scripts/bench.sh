@@ -63,6 +63,10 @@ for c in $CONCS; do run "tok-on-c$c.json" enroll-token -c "$c" -d "$DUR" --jwt; 
 log "fresh-connection"
 for c in $CONCS; do run "fresh-c$c.json" fresh-connection -c "$c" -d "$DUR"; done
 
+log "renew and fetch-jwt (mTLS, one connection per client)"
+for c in $CONCS; do run "renew-c$c.json" renew -c "$c" -d "$DUR"; done
+for c in $CONCS; do run "fetchjwt-c$c.json" fetch-jwt -c "$c" -d "$DUR"; done
+
 log "latency at half of peak throughput (open loop, 64 clients)"
 for jwt in off on; do
   peak=0

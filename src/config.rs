@@ -45,6 +45,97 @@ pub struct FileConfig {
     pub bootstrap_secret_file: Option<PathBuf>,
     /// Refuse to generate a bootstrap secret: one must come from env or file.
     pub require_bootstrap_secret: Option<bool>,
+    /// Attestation settings.
+    pub attestation: Option<AttestationFile>,
+}
+
+/// `[attestation]` in the config file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestationFile {
+    /// `aws_nitro` on or off (default on, with the shipped AWS root).
+    pub nitro: Option<bool>,
+    /// PEM file of Nitro root certificates replacing the shipped AWS root G1.
+    pub nitro_roots_file: Option<PathBuf>,
+    /// OIDC issuers (`[[attestation.oidc]]`).
+    #[serde(default)]
+    pub oidc: Vec<OidcIssuerFile>,
+}
+
+/// One `[[attestation.oidc]]` issuer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcIssuerFile {
+    /// Short name used in selectors: `oidc:<alias>:<claim>:<value>`.
+    pub alias: String,
+    /// Exact `iss`.
+    pub issuer: String,
+    /// Accepted `aud` values (the broker's audience).
+    pub audiences: Vec<String>,
+    /// JWKS document of the issuer (JSON file).
+    pub jwks_file: PathBuf,
+    /// `github-actions`, `gitlab-ci` or `kubernetes`: the claims that become selectors.
+    pub preset: Option<String>,
+    /// Claims that become selectors (added to the preset's).
+    #[serde(default)]
+    pub claims: Vec<String>,
+    /// Allowed algorithms (subset of RS256, ES256) [default: both].
+    pub algorithms: Option<Vec<String>>,
+    /// Claim carrying hex SHA-256 of the CSR DER, when the issuer can carry one.
+    pub binding_claim: Option<String>,
+}
+
+impl AttestationFile {
+    /// Builds the verifier configuration (reads the JWKS and root files).
+    ///
+    /// # Errors
+    /// Unreadable files or unknown presets, naming them.
+    pub fn resolve(&self) -> Result<crate::attest::registry::AttestConfig, String> {
+        use crate::attest::{NitroConfig, OidcIssuer, Preset};
+        let nitro = if self.nitro == Some(false) {
+            None
+        } else {
+            Some(match &self.nitro_roots_file {
+                Some(p) => {
+                    let pem = std::fs::read_to_string(p)
+                        .map_err(|e| format!("nitro_roots_file {}: {e}", p.display()))?;
+                    NitroConfig::from_pem(&pem)
+                        .map_err(|e| format!("nitro_roots_file {}: {e}", p.display()))?
+                }
+                None => NitroConfig::default(),
+            })
+        };
+        let mut oidc = Vec::new();
+        for o in &self.oidc {
+            let mut claims = match &o.preset {
+                Some(p) => Preset::parse(p)
+                    .ok_or_else(|| format!("attestation.oidc {}: unknown preset {p:?}", o.alias))?
+                    .claims(),
+                None => Vec::new(),
+            };
+            claims.extend(o.claims.iter().cloned());
+            let jwks_json = std::fs::read_to_string(&o.jwks_file).map_err(|e| {
+                format!(
+                    "attestation.oidc {}: {}: {e}",
+                    o.alias,
+                    o.jwks_file.display()
+                )
+            })?;
+            oidc.push(OidcIssuer {
+                alias: o.alias.clone(),
+                issuer: o.issuer.clone(),
+                audiences: o.audiences.clone(),
+                jwks_json,
+                claims,
+                algorithms: o
+                    .algorithms
+                    .clone()
+                    .unwrap_or_else(|| vec!["RS256".into(), "ES256".into()]),
+                binding_claim: o.binding_claim.clone(),
+            });
+        }
+        Ok(crate::attest::registry::AttestConfig { nitro, oidc })
+    }
 }
 
 impl FileConfig {
@@ -91,6 +182,8 @@ pub struct Config {
     /// When true and neither env nor file gives a secret, no secret is
     /// generated and `BootstrapPlan` answers `BOOTSTRAP_SECRET_MISSING`.
     pub require_bootstrap_secret: bool,
+    /// Attestation verifiers' trust (Nitro roots, OIDC issuers).
+    pub attest: crate::attest::registry::AttestConfig,
 }
 
 impl std::fmt::Display for Config {
@@ -131,6 +224,7 @@ impl Config {
             bootstrap_secret_env: None,
             bootstrap_secret_file: None,
             require_bootstrap_secret: false,
+            attest: crate::attest::registry::AttestConfig::default(),
         }
     }
 }

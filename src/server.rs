@@ -239,6 +239,8 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
                 token_key,
                 bootstrap,
                 bootstrap_source,
+                attestors: crate::attest::registry::Registry::new(&cfg.attest)
+                    .map_err(|e| anyhow::anyhow!("attestation config: {e}"))?,
             },
             clock.clone(),
         )
@@ -375,6 +377,8 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         listen = %addr,
         admin_socket = %cfg.admin_socket.display(),
         store = "sqlite",
+        attestation = ?broker.attestation_formats(),
+        plan_version = broker.active_plan().map_or(0, |p| p.version),
         ca_pin = %broker.ca_pin(),
         "sigil serving"
     );

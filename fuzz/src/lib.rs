@@ -320,6 +320,8 @@ pub struct EnrollHarness {
     tokens: Vec<FuzzToken>,
     csrs: Vec<Vec<u8>>,
     seen: Mutex<Seen>,
+    /// Outcome counts: `OK` or the refusal reason.
+    outcomes: Mutex<HashMap<&'static str, u64>>,
     // Last: removed after the store is closed.
     _dir: tempfile::TempDir,
 }
@@ -353,6 +355,10 @@ impl EnrollHarness {
                     token_key: key.clone(),
                     bootstrap: None,
                     bootstrap_source: "missing",
+                    attestors: sigil::attest::registry::Registry::new(
+                        &sigil::attest::registry::AttestConfig::default(),
+                    )
+                    .expect("attestors"),
                 },
                 Arc::new(MockClock::new(NOW_MS)),
             ))
@@ -386,6 +392,7 @@ impl EnrollHarness {
             tokens,
             csrs: valid_csrs(),
             seen: Mutex::new(Seen::default()),
+            outcomes: Mutex::new(HashMap::new()),
             _dir: dir,
         }
     }
@@ -414,6 +421,12 @@ impl EnrollHarness {
             },
             &caller,
         ));
+        *self
+            .outcomes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(result.as_ref().map_or_else(|e| e.reason(), |_| "OK"))
+            .or_default() += 1;
         match result {
             Err(e) => {
                 let reason = e.reason();
@@ -475,6 +488,14 @@ impl EnrollHarness {
                 );
             }
         }
+    }
+
+    /// How many requests ended how so far: `OK` or the refusal reason.
+    pub fn outcomes(&self) -> HashMap<&'static str, u64> {
+        self.outcomes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn decode(&self, inp: &mut Input<'_>) -> Request {
@@ -590,7 +611,15 @@ impl Default for EnrollHarness {
 /// from input to input, as a real broker's would).
 pub fn enroll(data: &[u8]) {
     static H: OnceLock<EnrollHarness> = OnceLock::new();
-    H.get_or_init(EnrollHarness::new).run(data);
+    let h = H.get_or_init(EnrollHarness::new);
+    h.run(data);
+    // Now and then, show how deep the inputs get.
+    let outcomes = h.outcomes();
+    if outcomes.values().sum::<u64>() % 10_000 == 0 {
+        let mut v: Vec<_> = outcomes.into_iter().collect();
+        v.sort();
+        eprintln!("enroll outcomes: {v:?}");
+    }
 }
 
 /// A decoded enroll request and what the harness knows about it.

@@ -127,6 +127,24 @@ impl pb::identity_server::Identity for IdentityApi {
         }))
     }
 
+    #[tracing::instrument(skip_all, name = "GetChallenge")]
+    async fn get_challenge(
+        &self,
+        _request: Request<pb::GetChallengeRequest>,
+    ) -> Result<Response<pb::GetChallengeResponse>, Status> {
+        let c = self.broker.challenge().await?;
+        Ok(Response::new(pb::GetChallengeResponse {
+            nonce: c.nonce,
+            expires_at: c.expires_at,
+            formats: self
+                .broker
+                .attestation_formats()
+                .into_iter()
+                .map(String::from)
+                .collect(),
+        }))
+    }
+
     type WatchBundleStream = std::pin::Pin<
         Box<dyn tokio_stream::Stream<Item = Result<pb::GetBundleResponse, Status>> + Send>,
     >;

@@ -392,3 +392,21 @@ pub async fn bundle(cmd: BundleCmd) -> Result<(), CliError> {
         }
     }
 }
+
+/// `sigil challenge`: a fresh server nonce (hex) for an attestation document.
+pub async fn challenge(t: BrokerTrust, json: bool) -> Result<(), CliError> {
+    let c = plain(&t.broker, t.ca_pin.as_deref(), t.bundle.as_deref())
+        .await?
+        .get_challenge(pb::GetChallengeRequest {})
+        .await?
+        .into_inner();
+    if json {
+        let v = serde_json::json!({
+            "nonce": hex::encode(&c.nonce), "expires_at": c.expires_at, "formats": c.formats,
+        });
+        println!("{v}");
+    } else {
+        println!("{}", hex::encode(&c.nonce));
+    }
+    Ok(())
+}

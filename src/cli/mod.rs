@@ -155,6 +155,15 @@ pub enum Command {
     /// Show or watch the trust bundle.
     #[command(subcommand)]
     Bundle(lifecycle::BundleCmd),
+    /// Print a fresh one-use server challenge (hex) for an attestation document.
+    Challenge {
+        /// Broker and trust.
+        #[command(flatten)]
+        target: lifecycle::BrokerTrust,
+        /// Print {nonce, expires_at, formats} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Where admin calls go: the local admin socket (default), or a remote
@@ -242,6 +251,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Revoke(a) => lifecycle::revoke(a).await,
         Command::Ca(c) => lifecycle::ca(c).await,
         Command::Bundle(c) => lifecycle::bundle(c).await,
+        Command::Challenge { target, json } => lifecycle::challenge(target, json).await,
     };
     match result {
         Ok(()) => exit::OK,

@@ -108,6 +108,9 @@ impl ServeArgs {
         cfg.bootstrap_secret_file = self.bootstrap_secret_file.or(file.bootstrap_secret_file);
         cfg.require_bootstrap_secret =
             self.require_bootstrap_secret || file.require_bootstrap_secret.unwrap_or(false);
+        if let Some(a) = &file.attestation {
+            cfg.attest = a.resolve()?;
+        }
         Ok(cfg)
     }
 }

@@ -129,6 +129,8 @@ pub struct BrokerSecrets {
     pub bootstrap: Option<Secret>,
     /// Where it came from (`env`, `file`, `generated`, `missing`), for status.
     pub bootstrap_source: &'static str,
+    /// Attestation verifiers (their trust anchors and issuer keys).
+    pub attestors: crate::attest::registry::Registry,
 }
 
 /// The credential presented with a CSR.
@@ -273,6 +275,8 @@ pub struct Broker {
     pub(super) revocations: RwLock<Arc<super::lifecycle::RevocationSet>>,
     pub(super) bundle_tx: tokio::sync::watch::Sender<u64>,
     pub(super) crls: RwLock<Arc<Vec<Vec<u8>>>>,
+    /// Attestation verifiers by format.
+    pub(super) attestors: Arc<crate::attest::registry::Registry>,
     /// Bumped whenever the CRLs are regenerated (the server rewrites crl.der).
     pub(super) crl_tx: tokio::sync::watch::Sender<u64>,
 }
@@ -306,6 +310,7 @@ impl Broker {
             bundle_tx,
             crls: RwLock::new(Arc::default()),
             crl_tx: tokio::sync::watch::channel(0).0,
+            attestors: Arc::new(secrets.attestors),
             token_key: secrets.token_key,
             bootstrap_secret: secrets.bootstrap,
             bootstrap_source: secrets.bootstrap_source,
@@ -478,9 +483,24 @@ impl Broker {
                 )
                 .await
             }
-            Some(Credential::Attestation { .. }) => Err(Error::Unimplemented(
-                "attestation-based enrollment is not available yet".into(),
-            )),
+            Some(Credential::Attestation {
+                ref format,
+                ref document,
+            }) => {
+                let r = self
+                    .enroll_attestation(&req.csr, format, document, &req.jwt_audiences, caller)
+                    .await;
+                if let Err(e) = &r {
+                    let format = if format.len() <= 32 {
+                        format.as_str()
+                    } else {
+                        "(too long)"
+                    };
+                    self.audit_denial_with("enroll", e, caller, &[("format", format)])
+                        .await;
+                }
+                return r;
+            }
             None => Err(Error::Malformed(
                 "credential is required (token or attestation)".into(),
             )),
@@ -716,14 +736,31 @@ impl Broker {
         caller: &Caller,
         token_id: Option<&str>,
     ) {
+        match token_id {
+            Some(t) => {
+                self.audit_denial_with(op, e, caller, &[("token_id", t)])
+                    .await
+            }
+            None => self.audit_denial_with(op, e, caller, &[]).await,
+        }
+    }
+
+    /// Appends a `denied` audit row with the reason and allow-listed extra fields.
+    pub(super) async fn audit_denial_with(
+        &self,
+        op: &str,
+        e: &Error,
+        caller: &Caller,
+        extra: &[(&str, &str)],
+    ) {
         let now = self.clock.now_ms();
         let mut rec = AuditRecord::new(now, AuditKind::Denied, e.reason())
             .field("op", op)
             .field("caller", caller.describe());
-        if let Some(t) = token_id {
-            rec = rec.field("token_id", t);
+        for (k, v) in extra {
+            rec = rec.field(k, *v);
         }
-        tracing::info!(op, reason = e.reason(), caller = %caller.describe(), token_id, "denied");
+        tracing::info!(op, reason = e.reason(), caller = %caller.describe(), ?extra, "denied");
         if let Err(err) = self.store.append_audit(rec).await {
             tracing::error!(error = %err, "could not audit a denial");
         }

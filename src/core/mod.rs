@@ -4,11 +4,13 @@
 //! with a stable reason per variant. Nothing here names tonic, SQL or
 //! rustls; storage is reached through the [`crate::store::Store`] trait only.
 
+mod attest;
 mod broker;
 mod error;
 mod lifecycle;
 mod plans;
 
+pub use attest::{match_entry, Challenge, CHALLENGE_LEN};
 pub use broker::{
     verify_store_chain, ActivePlan, AuditVerdict, Broker, BrokerConfig, BrokerSecrets, BundleView,
     Caller, CreatedToken, Credential, EnrollParams, Enrolled, TokenView,

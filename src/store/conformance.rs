@@ -18,9 +18,10 @@ use std::task::Poll;
 use sha2::{Digest, Sha256};
 
 use super::{
-    ApproveOutcome, BootstrapInstall, BootstrapOutcome, IssuedCert, PlanApproval, PlanProposal,
-    PlanState, ProposeOutcome, RedeemOutcome, Redemption, RenewOutcome, Renewal, RevocationKind,
-    RevocationRecord, RevokeOutcome, Store, StoreCounts, StoreError, TokenRecord,
+    ApproveOutcome, AttestGuard, AttestOutcome, AttestRedemption, BootstrapInstall,
+    BootstrapOutcome, IssuedCert, PlanApproval, PlanProposal, PlanState, ProposeOutcome,
+    RedeemOutcome, Redemption, RenewOutcome, Renewal, RevocationKind, RevocationRecord,
+    RevokeOutcome, Store, StoreCounts, StoreError, TokenRecord,
 };
 use crate::audit::{self, AuditKind, AuditRecord, AuditRow};
 
@@ -44,6 +45,7 @@ pub async fn run_all(store: &dyn Store) {
     purge_expired_nonces(store).await;
     concurrent_audit_appends_chain(store).await;
     revocation_and_renewal(store).await;
+    attestation_guards(store).await;
     plan_lifecycle(store).await;
 }
 
@@ -1178,5 +1180,115 @@ pub async fn revocation_and_renewal(store: &dyn Store) {
         .await
         .unwrap()
         .is_empty());
+    all_audit(store).await;
+}
+
+// === Attestation guards ===
+
+fn attest_redemption(guard: AttestGuard, label: &str, now: i64) -> AttestRedemption {
+    let mut cert = redemption(label, "attested-key", label, now).cert;
+    cert.token_id = None;
+    cert.origin = "attest:aws_nitro".into();
+    cert.node = Some(format!("node/{label}"));
+    AttestRedemption {
+        guard,
+        now_ms: now,
+        cert,
+        audit: AuditRecord::new(now, AuditKind::Issued, "attested"),
+    }
+}
+
+/// Challenges are one-use and expire; one-use keys cannot be replayed;
+/// concurrent redemptions of one challenge have one winner.
+pub async fn attestation_guards(store: &dyn Store) {
+    let ch = |n: &str| AttestGuard::Challenge(n.into());
+    assert_eq!(
+        store
+            .redeem_attestation(attest_redemption(ch("c0ffee"), "att-unknown", NOW))
+            .await
+            .unwrap(),
+        AttestOutcome::ChallengeUnknown
+    );
+    store
+        .create_challenge("c0ffee01", NOW + MINUTE)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .create_challenge("c0ffee01", NOW + MINUTE)
+            .await
+            .is_err(),
+        "challenge ids are unique"
+    );
+    // 16 concurrent redemptions of one challenge: exactly one issues.
+    let outs = join_all(
+        (0..16)
+            .map(|i| {
+                store.redeem_attestation(attest_redemption(
+                    ch("c0ffee01"),
+                    &format!("att-{i}"),
+                    NOW,
+                ))
+            })
+            .collect(),
+    )
+    .await;
+    let issued = outs
+        .iter()
+        .filter(|o| matches!(o, Ok(AttestOutcome::Issued)))
+        .count();
+    assert_eq!(issued, 1, "{outs:?}");
+    assert!(outs
+        .iter()
+        .all(|o| matches!(o, Ok(AttestOutcome::Issued | AttestOutcome::Replayed))));
+    // Expired.
+    store
+        .create_challenge("c0ffee02", NOW + MINUTE)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .redeem_attestation(attest_redemption(ch("c0ffee02"), "att-late", NOW + MINUTE))
+            .await
+            .unwrap(),
+        AttestOutcome::ChallengeExpired
+    );
+    // One-use keys.
+    let key = AttestGuard::OneUse {
+        key: "oidc:gh:jti-1".into(),
+        expires_at_ms: NOW + MINUTE,
+    };
+    assert_eq!(
+        store
+            .redeem_attestation(attest_redemption(key.clone(), "att-jti", NOW))
+            .await
+            .unwrap(),
+        AttestOutcome::Issued
+    );
+    assert_eq!(
+        store
+            .redeem_attestation(attest_redemption(key, "att-jti-2", NOW))
+            .await
+            .unwrap(),
+        AttestOutcome::Replayed
+    );
+    let c = store
+        .fetch_issued(&attest_redemption(ch("x"), "att-jti", NOW).cert.serial)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (c.origin.as_str(), c.node.as_deref()),
+        ("attest:aws_nitro", Some("node/att-jti"))
+    );
+    // Purge forgets expired challenges.
+    assert!(store.purge_expired(NOW + 2 * MINUTE).await.unwrap() >= 2);
+    assert_eq!(
+        store
+            .redeem_attestation(attest_redemption(ch("c0ffee02"), "att-gone", NOW))
+            .await
+            .unwrap(),
+        AttestOutcome::ChallengeUnknown
+    );
     all_audit(store).await;
 }

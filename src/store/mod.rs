@@ -151,6 +151,46 @@ pub enum RenewOutcome {
     UnknownParent,
 }
 
+/// What makes an attestation one-use, as the store sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttestGuard {
+    /// A server challenge (hex) that must be outstanding; consumed.
+    Challenge(String),
+    /// A one-use key (e.g. `oidc:<alias>:<jti>`) remembered until the instant given.
+    OneUse {
+        /// The key.
+        key: String,
+        /// Forgotten after this instant, Unix ms.
+        expires_at_ms: i64,
+    },
+}
+
+/// An attestation-based issuance, applied atomically by [`Store::redeem_attestation`].
+#[derive(Debug, Clone)]
+pub struct AttestRedemption {
+    /// The replay guard to consume.
+    pub guard: AttestGuard,
+    /// Now, Unix ms.
+    pub now_ms: i64,
+    /// The certificate to record.
+    pub cert: IssuedCert,
+    /// Appended on success.
+    pub audit: AuditRecord,
+}
+
+/// Result of [`Store::redeem_attestation`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttestOutcome {
+    /// Guard consumed, certificate recorded.
+    Issued,
+    /// The challenge was never issued (or already purged).
+    ChallengeUnknown,
+    /// The challenge expired.
+    ChallengeExpired,
+    /// The challenge or one-use key was already consumed.
+    Replayed,
+}
+
 /// Everything one token redemption needs, applied atomically by
 /// [`Store::redeem_token`].
 #[derive(Debug, Clone)]
@@ -453,7 +493,7 @@ pub trait Store: Send + Sync + 'static {
     /// Audit rows with `seq > after_seq`, ascending, at most `limit`.
     async fn list_audit(&self, after_seq: u64, limit: u32) -> Result<Vec<AuditRow>, StoreError>;
 
-    /// Forgets nonces and revocations whose `expires_at_ms <= now_ms`; returns how many.
+    /// Forgets nonces, challenges and revocations whose `expires_at_ms <= now_ms`; returns how many.
     async fn purge_expired(&self, now_ms: i64) -> Result<u64, StoreError>;
 
     /// Installs the foundation plan atomically: nonce unused → no plan was
@@ -500,6 +540,16 @@ pub trait Store: Send + Sync + 'static {
     /// Every unexpired issued certificate covered by a revocation, as
     /// (serial, revocation time in Unix ms, CA generation), for the CRLs.
     async fn revoked_serials(&self, now_ms: i64) -> Result<Vec<(String, i64, u32)>, StoreError>;
+
+    /// Records an outstanding server challenge (hex), valid until `expires_at_ms`.
+    async fn create_challenge(&self, nonce_hex: &str, expires_at_ms: i64)
+        -> Result<(), StoreError>;
+
+    /// Issues from a verified attestation atomically: the challenge must be
+    /// outstanding, unexpired and unused (then it is marked used), or the
+    /// one-use key unseen (then it is remembered); the certificate and audit
+    /// row are recorded in the same transaction.
+    async fn redeem_attestation(&self, r: AttestRedemption) -> Result<AttestOutcome, StoreError>;
 
     /// Row counts.
     async fn counts(&self) -> Result<StoreCounts, StoreError>;

@@ -44,9 +44,10 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row}
 use tokio::sync::oneshot;
 
 use super::{
-    ApproveOutcome, BootstrapInstall, BootstrapOutcome, IssuedCert, PlanApproval, PlanProposal,
-    PlanRecord, PlanState, ProposeOutcome, RedeemOutcome, Redemption, RenewOutcome, Renewal,
-    RevocationKind, RevocationRecord, RevokeOutcome, Store, StoreCounts, StoreError, TokenRecord,
+    ApproveOutcome, AttestGuard, AttestOutcome, AttestRedemption, BootstrapInstall,
+    BootstrapOutcome, IssuedCert, PlanApproval, PlanProposal, PlanRecord, PlanState,
+    ProposeOutcome, RedeemOutcome, Redemption, RenewOutcome, Renewal, RevocationKind,
+    RevocationRecord, RevokeOutcome, Store, StoreCounts, StoreError, TokenRecord,
 };
 use crate::audit::{self, AuditRecord, AuditRow, GENESIS_HASH};
 
@@ -56,7 +57,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Schema migrations; `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
 /// Append new entries, never edit old ones.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
 
 /// Version 1: tokens, nonces, issued certificates, audit chain.
 const SCHEMA_V1: &str = "
@@ -137,6 +138,16 @@ CREATE TABLE revocations (
     reason        TEXT    NOT NULL,
     PRIMARY KEY (kind, value)
 ) STRICT;
+";
+
+/// Version 4: server challenges for attestation.
+const SCHEMA_V4: &str = "
+CREATE TABLE challenges (
+    nonce         TEXT    NOT NULL PRIMARY KEY,
+    expires_at_ms INTEGER NOT NULL,
+    used_at_ms    INTEGER
+) STRICT, WITHOUT ROWID;
+CREATE INDEX challenges_expires_at_ms ON challenges (expires_at_ms);
 ";
 
 /// SQL condition: the `issued` row aliased `c` is covered by a revocation.
@@ -474,6 +485,25 @@ impl Store for SqliteStore {
                 .collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await
+    }
+
+    async fn create_challenge(
+        &self,
+        nonce_hex: &str,
+        expires_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let nonce = nonce_hex.to_owned();
+        self.job(move |conn, _| {
+            conn.prepare_cached("INSERT INTO challenges (nonce, expires_at_ms) VALUES (?1, ?2)")?
+                .execute(params![nonce, expires_at_ms])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn redeem_attestation(&self, r: AttestRedemption) -> Result<AttestOutcome, StoreError> {
+        self.job(move |conn, head| redeem_attestation(conn, head, &r))
+            .await
     }
 
     async fn counts(&self) -> Result<StoreCounts, StoreError> {
@@ -1184,6 +1214,9 @@ fn purge_expired(conn: &Connection, now_ms: i64) -> Result<u64, StoreError> {
             .prepare_cached(
                 "DELETE FROM revocations WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?1",
             )?
+            .execute([now_ms])?
+        + conn
+            .prepare_cached("DELETE FROM challenges WHERE expires_at_ms <= ?1")?
             .execute([now_ms])?;
     u64::try_from(n).map_err(|_| StoreError::Corrupt("row count out of range".into()))
 }
@@ -1247,6 +1280,46 @@ fn renew_cert(
     insert_issued(conn, &cert, parent.token_id.as_deref())?;
     append_audit(conn, head, &r.audit)?;
     Ok(RenewOutcome::Issued)
+}
+
+// === Attestation ===
+
+fn redeem_attestation(
+    conn: &Connection,
+    head: &mut ChainHead,
+    r: &AttestRedemption,
+) -> Result<AttestOutcome, StoreError> {
+    match &r.guard {
+        AttestGuard::Challenge(nonce) => {
+            let row: Option<(i64, Option<i64>)> = conn
+                .prepare_cached(
+                    "SELECT expires_at_ms, used_at_ms FROM challenges WHERE nonce = ?1",
+                )?
+                .query_row([nonce], |x| Ok((x.get(0)?, x.get(1)?)))
+                .optional()?;
+            match row {
+                None => return Ok(AttestOutcome::ChallengeUnknown),
+                Some((_, Some(_))) => return Ok(AttestOutcome::Replayed),
+                Some((exp, None)) if r.now_ms >= exp => return Ok(AttestOutcome::ChallengeExpired),
+                Some(_) => {}
+            }
+            conn.prepare_cached("UPDATE challenges SET used_at_ms = ?2 WHERE nonce = ?1")?
+                .execute(params![nonce, r.now_ms])?;
+        }
+        AttestGuard::OneUse { key, expires_at_ms } => {
+            let seen = conn
+                .prepare_cached("SELECT 1 FROM nonces WHERE nonce = ?1")?
+                .query_row([key], |_| Ok(()))
+                .optional()?;
+            if seen.is_some() {
+                return Ok(AttestOutcome::Replayed);
+            }
+            remember_nonce(conn, key, *expires_at_ms)?;
+        }
+    }
+    insert_issued(conn, &r.cert, None)?;
+    append_audit(conn, head, &r.audit)?;
+    Ok(AttestOutcome::Issued)
 }
 
 // === Plans ===
@@ -1528,6 +1601,7 @@ mod tests {
             purge_expired_nonces,
             concurrent_audit_appends_chain,
             revocation_and_renewal,
+            attestation_guards,
             plan_lifecycle,
         );
     }

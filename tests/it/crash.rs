@@ -598,8 +598,8 @@ fn check_store(world: &World, data: &Path) {
         .unwrap();
     let issued_audit: i64 = db
         .query_row(
-            "SELECT COUNT(*) FROM audit WHERE kind = 'issued'",
-            [],
+            "SELECT COUNT(*) FROM audit WHERE kind = ?1",
+            [sigil::audit::AuditKind::Issued.as_str()],
             |r| r.get(0),
         )
         .unwrap();

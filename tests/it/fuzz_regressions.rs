@@ -110,4 +110,17 @@ fn fuzz_inputs_enroll() {
     // One broker for all inputs, in order, as in a fuzzing process.
     let h = targets::EnrollHarness::new();
     replay("enroll", |d| h.run(d));
+    // The seeds reach issuance, a retry and the refusals past the HMAC.
+    let o = h.outcomes();
+    for want in [
+        "OK",
+        "INVALID_SIGNATURE",
+        "TOKEN_REVOKED",
+        "TOKEN_ALREADY_USED",
+    ] {
+        assert!(
+            o.get(want).is_some_and(|n| *n > 0),
+            "{want} never seen: {o:?}"
+        );
+    }
 }

@@ -16,7 +16,7 @@ pub struct TestBroker {
     pub dir: tempfile::TempDir,
     pub clock: MockClock,
     pub running: Option<Running>,
-    tweak: fn(&mut Config),
+    tweak: Arc<dyn Fn(&mut Config) + Send + Sync>,
 }
 
 impl TestBroker {
@@ -30,14 +30,14 @@ impl TestBroker {
         Self::start_with(|_| {}).await
     }
 
-    pub async fn start_with(tweak: fn(&mut Config)) -> Self {
+    pub async fn start_with(tweak: impl Fn(&mut Config) + Send + Sync + 'static) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let clock = MockClock::starting_now();
         let mut b = Self {
             dir,
             clock,
             running: None,
-            tweak,
+            tweak: Arc::new(tweak),
         };
         b.boot().await;
         b

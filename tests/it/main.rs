@@ -1,5 +1,6 @@
 //! Integration tests: one binary, real server on loopback.
 
+mod attest;
 mod cli;
 mod crash;
 mod enroll;

@@ -45,13 +45,37 @@ pub struct Floor {
     pub fsync_4k_us: Option<f64>,
 }
 
+/// Which request the floor is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Token enrollment: proof check + CSR verify + sign [+ JWT].
+    Enroll,
+    /// Renewal over mTLS: CSR verify + sign [+ JWT] (the TLS client
+    /// certificate check is per connection, not per request).
+    Renew,
+    /// JWT-SVID fetch over mTLS: one ES256 signature.
+    FetchJwt,
+}
+
 impl Floor {
     /// Per-enrollment crypto time on one core, µs (proof check + CSR verify + sign [+ JWT]).
     pub fn per_enroll_us(&self, jwt: bool) -> f64 {
-        self.proof_check_us
-            + self.csr_verify_us
-            + self.x509_sign_us
-            + if jwt { self.jwt_mint_us } else { 0.0 }
+        self.per_request_us(Kind::Enroll, jwt)
+    }
+
+    /// Crypto time of one request of `kind` on one core, µs.
+    pub fn per_request_us(&self, kind: Kind, jwt: bool) -> f64 {
+        let jwt = if jwt { self.jwt_mint_us } else { 0.0 };
+        match kind {
+            Kind::Enroll => self.proof_check_us + self.csr_verify_us + self.x509_sign_us + jwt,
+            Kind::Renew => self.csr_verify_us + self.x509_sign_us + jwt,
+            Kind::FetchJwt => self.jwt_mint_us,
+        }
+    }
+
+    /// The floor for `kind`: requests/s on one core × cores.
+    pub fn all_cores_for(&self, kind: Kind, jwt: bool) -> f64 {
+        1e6 / self.per_request_us(kind, jwt) * self.cores as f64
     }
 
     /// Enrollments per second on one core.

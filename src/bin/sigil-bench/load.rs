@@ -1,5 +1,7 @@
 //! The load generator: `enroll-token` (one HTTP/2 connection per client,
-//! reused) and `fresh-connection` (a new TLS connection per enrollment).
+//! reused), `fresh-connection` (a new TLS connection per enrollment),
+//! `renew` and `fetch-jwt` (one mTLS connection per client, each with the
+//! SVID it enrolled for before the clock starts).
 //!
 //! Everything a request needs is prepared before the clock starts: one-use
 //! tokens created through the admin API (concurrently) and a fresh P-256 key
@@ -27,7 +29,10 @@ use sigil::{
         self, admin_client::AdminClient, enroll_request::Credential,
         identity_client::IdentityClient,
     },
-    cli::{connect_admin, connect_tls, new_key_and_csr, tls_config, token_proof, Trust},
+    cli::{
+        connect_admin, connect_tls, new_key_and_csr, tls_config, tls_config_with, token_proof,
+        ClientIdentity, Trust,
+    },
     clock::{Clock, SystemClock},
     config::Config,
     token::{parse_token, TokenSecret},
@@ -42,13 +47,18 @@ use crate::{
     svg, LoadArgs, TempDir,
 };
 
-/// How the clients reach the broker.
+/// The scenario: what each request is and how the clients connect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// One long-lived HTTP/2 connection per client.
+    /// Token enrollment, one long-lived HTTP/2 connection per client.
     Reused,
-    /// A new TCP + TLS connection per enrollment, closed afterwards.
+    /// Token enrollment, a new TCP + TLS connection per request, closed afterwards.
     Fresh,
+    /// `Renew` with a fresh CSR, over one mTLS connection per client (each
+    /// client enrolls once, untimed, to get its SVID).
+    Renew,
+    /// `FetchJWT` over one mTLS connection per client.
+    FetchJwt,
 }
 
 impl Mode {
@@ -56,19 +66,47 @@ impl Mode {
         match self {
             Mode::Reused => "enroll-token",
             Mode::Fresh => "fresh-connection",
+            Mode::Renew => "renew",
+            Mode::FetchJwt => "fetch-jwt",
+        }
+    }
+
+    fn floor_kind(self) -> floor::Kind {
+        match self {
+            Mode::Reused | Mode::Fresh => floor::Kind::Enroll,
+            Mode::Renew => floor::Kind::Renew,
+            Mode::FetchJwt => floor::Kind::FetchJwt,
+        }
+    }
+
+    fn needs_tokens(self) -> bool {
+        matches!(self, Mode::Reused | Mode::Fresh)
+    }
+
+    fn needs_csrs(self) -> bool {
+        self != Mode::FetchJwt
+    }
+
+    fn connections(self) -> &'static str {
+        match self {
+            Mode::Reused => "one reused HTTP/2 connection per client",
+            Mode::Fresh => "new TLS connection per request (no TLS resumption)",
+            Mode::Renew | Mode::FetchJwt => {
+                "one reused mTLS HTTP/2 connection per client (its own SVID)"
+            }
         }
     }
 }
 
 /// One prepared request.
 struct Item {
-    token_id: String,
-    secret: TokenSecret,
+    token: Option<(String, TokenSecret)>,
     csr: Vec<u8>,
 }
 
 /// What every client shares.
 struct Ctx {
+    mode: Mode,
     url: String,
     tls: rustls::ClientConfig,
     audiences: Vec<String>,
@@ -334,6 +372,7 @@ async fn prepare(
     n: usize,
     admins: &[AdminClient<Channel>],
     trust_domain: &str,
+    mode: Mode,
     quiet: bool,
 ) -> anyhow::Result<Vec<Item>> {
     if n == 0 {
@@ -342,9 +381,10 @@ async fn prepare(
     let started = Instant::now();
     let cores = procstat::cores();
     let per = n.div_ceil(cores);
+    let csrs_wanted = if mode.needs_csrs() { n } else { 0 };
     let csr_jobs: Vec<_> = (0..cores)
         .map(|k| {
-            let m = per.min(n.saturating_sub(k * per));
+            let m = per.min(csrs_wanted.saturating_sub(k * per));
             tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Vec<u8>>> {
                 (0..m).map(|_| Ok(new_key_and_csr()?.1)).collect()
             })
@@ -352,7 +392,7 @@ async fn prepare(
         .collect();
 
     let next = Arc::new(AtomicUsize::new(0));
-    let workers = 64.min(n);
+    let workers = if mode.needs_tokens() { 64.min(n) } else { 0 };
     let mut jobs = Vec::with_capacity(workers);
     for w in 0..workers {
         let mut admin = admins[w % admins.len()].clone();
@@ -386,28 +426,38 @@ async fn prepare(
             tokens[i] = Some((id, secret));
         }
     }
-    let mut csrs = Vec::with_capacity(n);
+    let mut csrs = Vec::with_capacity(csrs_wanted);
     for j in csr_jobs {
         csrs.extend(j.await.context("CSR task")??);
     }
+    if mode.needs_tokens() && tokens.iter().any(Option::is_none) {
+        bail!("token creation fell short");
+    }
+    if csrs.len() != csrs_wanted {
+        bail!("generated {} of {csrs_wanted} CSRs", csrs.len());
+    }
+    let mut csrs = csrs.into_iter();
     let items: Vec<Item> = tokens
         .into_iter()
-        .zip(csrs)
-        .filter_map(|(t, csr)| {
-            t.map(|(token_id, secret)| Item {
-                token_id,
-                secret,
-                csr,
-            })
+        .map(|token| Item {
+            token,
+            csr: csrs.next().unwrap_or_default(),
         })
         .collect();
-    if items.len() != n {
-        bail!("prepared {} of {n} requests", items.len());
-    }
     if !quiet {
         eprintln!(
-            "prepared {} tokens and key+CSR pairs in {:.2} s",
+            "prepared {} requests ({}{}) in {:.2} s",
             thousands(n as u64),
+            if mode.needs_tokens() {
+                "tokens"
+            } else {
+                "no tokens"
+            },
+            if mode.needs_csrs() {
+                " and key+CSR pairs"
+            } else {
+                ""
+            },
             started.elapsed().as_secs_f64()
         );
     }
@@ -443,6 +493,7 @@ async fn client(
 ) -> ClientOut {
     let mut out = ClientOut::default();
     let mut reused = channel.map(IdentityClient::new);
+    let mode = ctx.mode;
     loop {
         let i = phase.next.fetch_add(1, Relaxed);
         if i >= phase.pool.len() {
@@ -467,42 +518,64 @@ async fn client(
             }
         };
         let item = &phase.pool[i];
-        let req = pb::EnrollRequest {
-            csr: item.csr.clone(),
-            credential: Some(Credential::Token(token_proof(
-                &item.token_id,
-                &item.secret,
-                &item.csr,
-                SystemClock.now_ms(),
-            ))),
-            jwt_audiences: ctx.audiences.clone(),
-        };
-        let result = match &mut reused {
-            Some(c) => c.enroll(req).await.map_err(|s| reason_of(&s)),
-            None => match connect_tls(&ctx.url, ctx.tls.clone()).await {
-                Ok(ch) => IdentityClient::new(ch)
-                    .enroll(req)
-                    .await
-                    .map_err(|s| reason_of(&s)),
-                Err(_) => Err("CONNECT_FAILED".to_owned()),
-            },
+        let verdict = match (mode, &mut reused) {
+            (Mode::FetchJwt, Some(c)) => c
+                .fetch_jwt(pb::FetchJwtRequest {
+                    audiences: vec![AUDIENCE.to_owned()],
+                    ttl_seconds: 0,
+                })
+                .await
+                .map_err(|s| reason_of(&s))
+                .and_then(|r| {
+                    if r.into_inner().jwt_svid.is_empty() {
+                        Err("MISSING_JWT".to_owned())
+                    } else {
+                        Ok(())
+                    }
+                }),
+            (Mode::Renew, Some(c)) => c
+                .renew(pb::RenewRequest {
+                    csr: item.csr.clone(),
+                    jwt_audiences: ctx.audiences.clone(),
+                })
+                .await
+                .map_err(|s| reason_of(&s))
+                .and_then(|r| check_svid(&ctx, &r.into_inner())),
+            (_, reused) => {
+                let Some((token_id, secret)) = &item.token else {
+                    break;
+                };
+                let req = pb::EnrollRequest {
+                    csr: item.csr.clone(),
+                    credential: Some(Credential::Token(token_proof(
+                        token_id,
+                        secret,
+                        &item.csr,
+                        SystemClock.now_ms(),
+                    ))),
+                    jwt_audiences: ctx.audiences.clone(),
+                };
+                let result = match reused {
+                    Some(c) => c.enroll(req).await.map_err(|s| reason_of(&s)),
+                    None => match connect_tls(&ctx.url, ctx.tls.clone()).await {
+                        Ok(ch) => IdentityClient::new(ch)
+                            .enroll(req)
+                            .await
+                            .map_err(|s| reason_of(&s)),
+                        Err(_) => Err("CONNECT_FAILED".to_owned()),
+                    },
+                };
+                result.and_then(|r| {
+                    let r = r.into_inner();
+                    if r.retried {
+                        Err("UNEXPECTED_RETRIED".to_owned())
+                    } else {
+                        check_svid(&ctx, &r)
+                    }
+                })
+            }
         };
         let lat = start.elapsed();
-        let verdict = match result {
-            Ok(r) => {
-                let r = r.into_inner();
-                if r.retried {
-                    Err("UNEXPECTED_RETRIED".to_owned())
-                } else if r.x509_svid_chain.is_empty() {
-                    Err("EMPTY_CHAIN".to_owned())
-                } else if ctx.jwt && r.jwt_svid.is_empty() {
-                    Err("MISSING_JWT".to_owned())
-                } else {
-                    Ok(())
-                }
-            }
-            Err(reason) => Err(reason),
-        };
         let ok = verdict.is_ok();
         if let Err(reason) = verdict {
             *out.errors.entry(reason).or_default() += 1;
@@ -517,6 +590,20 @@ async fn client(
         });
     }
     out
+}
+
+/// The audience of every JWT-SVID asked for.
+const AUDIENCE: &str = "https://bench.example";
+
+/// A successful enrollment or renewal must carry a certificate (and a JWT when asked).
+fn check_svid(ctx: &Ctx, r: &pb::EnrollResponse) -> Result<(), String> {
+    if r.x509_svid_chain.is_empty() {
+        Err("EMPTY_CHAIN".to_owned())
+    } else if ctx.jwt && r.jwt_svid.is_empty() {
+        Err("MISSING_JWT".to_owned())
+    } else {
+        Ok(())
+    }
 }
 
 /// What a phase produced.
@@ -665,10 +752,11 @@ async fn drive(
         tls.resumption = rustls::client::Resumption::disabled();
     }
     let ctx = Arc::new(Ctx {
+        mode,
         url: target.url.clone(),
         tls: tls.clone(),
         audiences: if a.jwt {
-            vec!["https://bench.example".to_owned()]
+            vec![AUDIENCE.to_owned()]
         } else {
             Vec::new()
         },
@@ -691,8 +779,21 @@ async fn drive(
     };
 
     let channels = match mode {
-        Mode::Reused => connect_channels(&target.url, &tls, a.concurrency).await?,
+        Mode::Reused => connect_channels(&target.url, &[tls.clone()], a.concurrency).await?,
         Mode::Fresh => Vec::new(),
+        Mode::Renew | Mode::FetchJwt => {
+            let trust = Trust::from_pin(&pin)?;
+            let configs = client_identities(
+                a.concurrency,
+                &admins,
+                &trust_domain,
+                &target.url,
+                &tls,
+                &trust,
+            )
+            .await?;
+            connect_channels(&target.url, &configs, a.concurrency).await?
+        }
     };
     let label = format!("{} c={}", mode.scenario(), a.concurrency);
     let progress = (!a.quiet).then_some(label.as_str());
@@ -705,7 +806,7 @@ async fn drive(
             Some(r) => w.min((r * a.warmup.as_secs_f64()) as usize + a.concurrency),
             None => w,
         };
-        let pool = prepare(w, &admins, &trust_domain, a.quiet).await?;
+        let pool = prepare(w, &admins, &trust_domain, mode, a.quiet).await?;
         let out = run_phase(
             &ctx,
             pool,
@@ -746,7 +847,7 @@ async fn drive(
             (rate * a.duration.as_secs_f64() * 1.3) as usize + a.concurrency * 2 + 100
         }
     };
-    let pool = prepare(n, &admins, &trust_domain, a.quiet).await?;
+    let pool = prepare(n, &admins, &trust_domain, mode, a.quiet).await?;
 
     // Timed phase.
     let before = snapshot(target);
@@ -801,19 +902,72 @@ async fn drive(
     Ok((json, failed))
 }
 
-/// `n` independent HTTP/2 connections (tonic clones share one, so each
-/// client gets its own), opened 32 at a time.
-async fn connect_channels(
+/// Enrolls `n` clients (untimed) and returns, for each, a TLS config that
+/// presents its fresh X509-SVID: the identities renew and fetch-jwt use.
+async fn client_identities(
+    n: usize,
+    admins: &[AdminClient<Channel>],
+    trust_domain: &str,
     url: &str,
     tls: &rustls::ClientConfig,
+    trust: &Trust,
+) -> anyhow::Result<Vec<rustls::ClientConfig>> {
+    let mut identity = IdentityClient::new(connect_tls(url, tls.clone()).await?);
+    let mut admin = admins[0].clone();
+    let mut out = Vec::with_capacity(n);
+    for k in 0..n {
+        let r = admin
+            .create_enrollment_token(pb::CreateEnrollmentTokenRequest {
+                spiffe_id: format!("spiffe://{trust_domain}/bench/agent{k}"),
+                ttl_seconds: 3600,
+                max_uses: 1,
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("create token: {}", describe_status(&s)))?
+            .into_inner();
+        let (token_id, secret) = parse_token(&r.token)?;
+        let (key, csr) = new_key_and_csr()?;
+        let svid = identity
+            .enroll(pb::EnrollRequest {
+                credential: Some(Credential::Token(token_proof(
+                    &token_id,
+                    &secret,
+                    &csr,
+                    SystemClock.now_ms(),
+                ))),
+                csr,
+                jwt_audiences: Vec::new(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("enroll a client identity: {}", describe_status(&s)))?
+            .into_inner();
+        out.push(tls_config_with(
+            trust,
+            Some(ClientIdentity::from_der(svid.x509_svid_chain, key.to_vec())),
+        )?);
+    }
+    Ok(out)
+}
+
+/// `n` independent HTTP/2 connections (tonic clones share one, so each
+/// client gets its own), opened 32 at a time; connection `k` uses
+/// `configs[k % configs.len()]`.
+async fn connect_channels(
+    url: &str,
+    configs: &[rustls::ClientConfig],
     n: usize,
 ) -> anyhow::Result<Vec<Channel>> {
+    if configs.is_empty() {
+        bail!("no TLS configuration");
+    }
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let batch = (n - out.len()).min(32);
+        let first = out.len();
         let jobs: Vec<_> = (0..batch)
-            .map(|_| {
-                let (url, tls) = (url.to_owned(), tls.clone());
+            .map(|j| {
+                let url = url.to_owned();
+                let tls = configs[(first + j) % configs.len()].clone();
                 tokio::spawn(async move { connect_tls(&url, tls).await })
             })
             .collect();
@@ -890,7 +1044,8 @@ impl Report<'_> {
     }
 
     fn floor_for(&self) -> Option<f64> {
-        self.floor.map(|f| f.all_cores(self.a.jwt))
+        self.floor
+            .map(|f| f.all_cores_for(self.mode.floor_kind(), self.a.jwt))
     }
 
     fn json(&self) -> serde_json::Value {
@@ -904,7 +1059,7 @@ impl Report<'_> {
             "date": procstat::utc_now(),
             "concurrency": self.a.concurrency,
             "jwt": self.a.jwt,
-            "connections": match self.mode { Mode::Reused => "reused", Mode::Fresh => "fresh (no TLS resumption)" },
+            "connections": self.mode.connections(),
             "rate_limit": self.a.rate,
             "broker": {
                 "where": if self.target.in_process { "in-process" } else { "external" },
@@ -938,7 +1093,7 @@ impl Report<'_> {
             "floor": self.floor.map(Floor::to_json),
             "floor_rps": self.floor_for().map(round3),
             "throughput_over_floor": self.floor_for().map(|f| round3(self.rps() / f)),
-            "cpu_us_per_enrollment": {
+            "cpu_us_per_request": {
                 "broker": broker.filter(|_| self.ok() > 0).map(|b| round3(b * self.wall() * 1e6 / self.ok() as f64)),
                 "broker_store_writer": self.store_cpu().filter(|_| self.ok() > 0).map(|b| round3(b * self.wall() * 1e6 / self.ok() as f64)),
             },
@@ -954,10 +1109,7 @@ impl Report<'_> {
             self.mode.scenario(),
             self.a.concurrency,
             if self.a.jwt { "on" } else { "off" },
-            match self.mode {
-                Mode::Reused => "one reused HTTP/2 connection per client",
-                Mode::Fresh => "new TLS connection per enrollment",
-            },
+            self.mode.connections(),
             self.a
                 .rate
                 .map(|r| format!("  open loop at {r:.0}/s (latency from the scheduled send time)"))
@@ -978,7 +1130,7 @@ impl Report<'_> {
         if self.out.exhausted && self.a.requests.is_none() {
             o += "  NOTE: the token pool ran out before the deadline; pass a larger --tokens\n";
         }
-        o += &format!("  throughput   {:.1} enrollments/s\n", self.rps());
+        o += &format!("  throughput   {:.1} requests/s\n", self.rps());
         o += &format!(
             "  latency ms   p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  mean {:.2}\n",
             s.p50, s.p90, s.p99, s.p999, s.max, s.mean
@@ -1017,7 +1169,7 @@ impl Report<'_> {
         if let Some(b) = broker.filter(|_| self.ok() > 0) {
             let per = |cores: f64| cores * self.wall() * 1e6 / self.ok() as f64;
             o += &format!(
-                "  CPU per enrollment  broker {:.0} µs{}  load generator {:.0} µs\n",
+                "  CPU per request  broker {:.0} µs{}  load generator {:.0} µs\n",
                 per(b),
                 self.store_cpu().map_or(String::new(), |s| format!(
                     " (of which store writer {:.0} µs)",
@@ -1030,7 +1182,7 @@ impl Report<'_> {
             o += &format!(
                 "  floor        {:.0}/s = {:.0}/s on 1 core × {} cores; throughput ÷ floor = {:.1} %\n",
                 fl,
-                f.one_core(self.a.jwt),
+                fl / f.cores as f64,
                 f.cores,
                 100.0 * self.rps() / fl
             );
