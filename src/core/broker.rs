@@ -275,6 +275,10 @@ pub struct Broker {
     pub(super) revocations: RwLock<Arc<super::lifecycle::RevocationSet>>,
     pub(super) bundle_tx: tokio::sync::watch::Sender<u64>,
     pub(super) crls: RwLock<Arc<Vec<Vec<u8>>>>,
+    /// Serialises cache reloads (plan, revocations): each reload reads and
+    /// publishes under this lock, so a slow reader can never overwrite a
+    /// newer state with an older one.
+    pub(super) reload_lock: tokio::sync::Mutex<()>,
     /// Attestation verifiers by format.
     pub(super) attestors: Arc<crate::attest::registry::Registry>,
     /// Bumped whenever the CRLs are regenerated (the server rewrites crl.der).
@@ -311,6 +315,7 @@ impl Broker {
             crls: RwLock::new(Arc::default()),
             crl_tx: tokio::sync::watch::channel(0).0,
             attestors: Arc::new(secrets.attestors),
+            reload_lock: tokio::sync::Mutex::new(()),
             token_key: secrets.token_key,
             bootstrap_secret: secrets.bootstrap,
             bootstrap_source: secrets.bootstrap_source,

@@ -103,6 +103,7 @@ impl Broker {
     /// # Errors
     /// Store failure.
     pub async fn reload_revocations(&self) -> Result<(), Error> {
+        let _serial = self.reload_lock.lock().await;
         let records = self.store.list_revocations(self.clock.now_ms()).await?;
         *self
             .revocations

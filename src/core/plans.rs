@@ -146,6 +146,7 @@ impl Broker {
     /// # Errors
     /// Store failure, or a stored plan that no longer decodes.
     pub async fn reload_plan(&self) -> Result<(), Error> {
+        let _serial = self.reload_lock.lock().await;
         let rec = self.store.fetch_active_plan().await?;
         let active = match rec {
             None => None,
