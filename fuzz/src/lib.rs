@@ -23,6 +23,10 @@
 //!   temp dir) on requests decoded from the input, signed with the right
 //!   token secret when the input asks for it, so the fuzzer gets past the
 //!   HMAC check and reaches payload, window, CSR, issuance and redemption.
+//! * `nitro`: `attest::NitroAttestor` on raw bytes and on documents signed
+//!   by a throwaway Nitro PKI with fuzz-chosen fields (`attest::testing`)
+//! * `oidc`: `attest::OidcAttestor` on raw text and on JWTs signed by a
+//!   throwaway issuer with fuzz-chosen header and claims
 
 use std::{
     collections::{HashMap, HashSet},
@@ -51,6 +55,8 @@ pub const TARGETS: &[&str] = &[
     "plan",
     "csr",
     "enroll",
+    "nitro",
+    "oidc",
 ];
 
 /// The fixed time of the in-process brokers (2026-01-01T00:00:00Z).
@@ -659,6 +665,14 @@ impl<'a> Input<'a> {
         a
     }
 
+    fn array<const N: usize>(&mut self) -> [u8; N] {
+        let mut out = [0u8; N];
+        for b in &mut out {
+            *b = self.byte();
+        }
+        out
+    }
+
     /// A chunk with a u16 length prefix.
     fn chunk(&mut self) -> &'a [u8] {
         let n = usize::from(self.u16());
@@ -692,4 +706,368 @@ fn temp_dir() -> tempfile::TempDir {
         .prefix("sigil-fuzz-")
         .tempdir()
         .expect("temp dir")
+}
+
+// === attestation: nitro, oidc ===
+
+/// Asserts an error message does not echo a long run of the input
+/// (attest module rule: never echo a raw document or token; quoted values
+/// are capped at 64 characters).
+fn assert_no_echo(message: &str, input: &[u8]) {
+    const RUN: usize = 80;
+    if message.len() < RUN || input.len() < RUN {
+        return;
+    }
+    for w in message.as_bytes().windows(RUN) {
+        assert!(
+            !input.windows(RUN).any(|i| i == w),
+            "error message echoes the input: {message}"
+        );
+    }
+}
+
+/// A Nitro verifier trusting a throwaway PKI, and a CSR to bind to.
+pub struct NitroHarness {
+    pki: sigil::attest::testing::NitroPki,
+    attestor: sigil::attest::NitroAttestor,
+    csr: Vec<u8>,
+    spki: Vec<u8>,
+}
+
+impl NitroHarness {
+    /// A fresh PKI and CSR.
+    pub fn new() -> Self {
+        let pki = sigil::attest::testing::NitroPki::new();
+        let attestor = sigil::attest::NitroAttestor::new(&pki.nitro_config()).expect("attestor");
+        let (csr, spki) = sigil::attest::testing::test_csr();
+        Self {
+            pki,
+            attestor,
+            csr,
+            spki,
+        }
+    }
+
+    /// Mode byte: 0 raw document; 1 a signed document with fuzz-chosen
+    /// fields; 2 a valid document with one byte changed; 3 truncated.
+    /// Never panics; in mode 1 an accepted document must have had a fresh
+    /// timestamp and been bound to this CSR (public_key or user_data).
+    pub fn run(&self, data: &[u8]) {
+        use sigil::attest::{testing::Opt, Attestor};
+        let mut inp = Input(data);
+        let mode = inp.byte() % 4;
+        let mut bound = false;
+        let mut fresh = true;
+        let document = match mode {
+            0 => inp.0.to_vec(),
+            1 => {
+                let mut b = self.pki.document();
+                match inp.byte() % 4 {
+                    0 => {}
+                    1 => {
+                        let at = NOW_MS + i64::from(inp.u16() as i16) * 100;
+                        fresh = (at - NOW_MS).abs() <= 300_000;
+                        b = b.timestamp_ms(at.max(0) as u64);
+                    }
+                    2 => {
+                        let at = u64::from_le_bytes(inp.array());
+                        fresh = i128::from(at).abs_diff(i128::from(NOW_MS)) <= 300_000;
+                        b = b.timestamp_ms(at);
+                    }
+                    _ => {
+                        fresh = false;
+                        b = b.omit("timestamp");
+                    }
+                }
+                b = match inp.byte() % 4 {
+                    0 => b.public_key(Opt::Absent),
+                    1 => {
+                        bound = true;
+                        b.public_key(Opt::Bytes(self.spki.clone()))
+                    }
+                    2 => b.public_key(Opt::Bytes(inp.chunk().to_vec())),
+                    _ => b.public_key(Opt::Null),
+                };
+                b = match inp.byte() % 4 {
+                    0 => b.user_data(Opt::Absent),
+                    1 => {
+                        bound = true;
+                        b.user_data(Opt::Bytes(Sha256::digest(&self.csr).to_vec()))
+                    }
+                    2 => b.user_data(Opt::Bytes(inp.chunk().to_vec())),
+                    _ => b.user_data(Opt::Null),
+                };
+                b = match inp.byte() % 4 {
+                    0 => b,
+                    1 => b.nonce(Opt::Absent),
+                    2 => b.nonce(Opt::Bytes(inp.chunk().to_vec())),
+                    _ => b.nonce(Opt::Null),
+                };
+                b = match inp.byte() % 3 {
+                    0 => b,
+                    1 => b.module_id(&inp.text()),
+                    _ => b.omit("module_id"),
+                };
+                b = match inp.byte() % 3 {
+                    0 => b,
+                    1 => b.digest(&inp.text()),
+                    _ => b.omit("digest"),
+                };
+                b = match inp.byte() % 3 {
+                    0 => b,
+                    1 => {
+                        let n = inp.byte() % 40;
+                        let pcrs = (0..n)
+                            .map(|_| {
+                                let i = u64::from(inp.byte());
+                                let len = usize::from(inp.byte() % 80);
+                                (i, inp.bytes(len).to_vec())
+                            })
+                            .collect();
+                        b.pcrs(pcrs)
+                    }
+                    _ => b.omit("pcrs"),
+                };
+                b = match inp.byte() % 5 {
+                    0 => b,
+                    1 => b.certificate(self.pki.intermediate_der().to_vec()),
+                    2 => b.certificate(inp.chunk().to_vec()),
+                    3 => b.cabundle(Vec::new()),
+                    _ => b.cabundle(vec![self.pki.intermediate_der().to_vec()]),
+                };
+                if inp.byte() % 4 == 0 {
+                    let key = inp.text();
+                    let value = inp.chunk().to_vec();
+                    b = b.extra(&key, ciborium::Value::Bytes(value));
+                }
+                let flags = inp.byte();
+                b.tagged(flags & 1 != 0).indefinite(flags & 2 != 0).build()
+            }
+            2 => {
+                let mut d = self.pki.document().build();
+                let at = usize::from(inp.u16()) % d.len();
+                d[at] ^= inp.byte().max(1);
+                d
+            }
+            _ => {
+                let d = self.pki.document().build();
+                let at = usize::from(inp.u16()) % d.len();
+                d[..at].to_vec()
+            }
+        };
+        let result = self.attestor.attest(&sigil::attest::AttestInput {
+            document: &document,
+            csr_der: &self.csr,
+            csr_spki_der: &self.spki,
+            now_ms: NOW_MS,
+            window_secs: 300,
+        });
+        match result {
+            Err(e) => assert_no_echo(&e.to_string(), &document),
+            Ok(v) => {
+                assert_eq!(v.format(), "aws_nitro");
+                if mode == 1 {
+                    assert!(bound, "a Nitro document not bound to the CSR was accepted");
+                    assert!(fresh, "a Nitro document outside the window was accepted");
+                }
+                assert!(
+                    mode != 3,
+                    "a truncated Nitro document was accepted ({} bytes)",
+                    document.len()
+                );
+            }
+        }
+    }
+}
+
+impl Default for NitroHarness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The `nitro` target.
+pub fn nitro(data: &[u8]) {
+    static H: OnceLock<NitroHarness> = OnceLock::new();
+    H.get_or_init(NitroHarness::new).run(data);
+}
+
+/// An OIDC verifier trusting two throwaway issuers (ES256 with a CSR
+/// binding claim, RS256 without), and a CSR.
+pub struct OidcHarness {
+    issuers: Vec<sigil::attest::testing::OidcTestIssuer>,
+    attestor: sigil::attest::OidcAttestor,
+    csr: Vec<u8>,
+    spki: Vec<u8>,
+}
+
+/// The audience the OIDC harness accepts.
+const OIDC_AUDIENCE: &str = "https://sigil.fuzz.test";
+
+impl OidcHarness {
+    /// Fresh issuers and CSR.
+    pub fn new() -> Self {
+        use sigil::attest::testing::OidcTestIssuer;
+        let ec = OidcTestIssuer::ec("ec", "https://ec.issuer.test");
+        let rsa = OidcTestIssuer::rsa("rsa", "https://rsa.issuer.test");
+        let mut ec_cfg = ec.config(&[OIDC_AUDIENCE], vec!["repository".into(), "a/b".into()]);
+        ec_cfg.binding_claim = Some("csr_sha256".into());
+        let rsa_cfg = rsa.config(&[OIDC_AUDIENCE], vec!["repository".into()]);
+        let attestor = sigil::attest::OidcAttestor::new(&[ec_cfg, rsa_cfg]).expect("attestor");
+        let (csr, spki) = sigil::attest::testing::test_csr();
+        Self {
+            issuers: vec![ec, rsa],
+            attestor,
+            csr,
+            spki,
+        }
+    }
+
+    /// Mode byte: 0 raw token; 1 a token signed by one of our issuers with
+    /// fuzz-chosen header and claims; 2 a valid token with one character
+    /// changed. Never panics; in mode 1 an accepted token has the issuer's
+    /// own `alg` and `kid` (no algorithm confusion), its `iss`, our
+    /// audience, an `iat` within the window, the CSR hash where the issuer
+    /// requires the binding, and its `jti` is the replay key.
+    pub fn run(&self, data: &[u8]) {
+        use serde_json::{json, Value};
+        use sigil::attest::{Attestor, ReplayGuard};
+        let mut inp = Input(data);
+        let mode = inp.byte() % 3;
+        let which = usize::from(inp.byte() % 2);
+        let issuer = &self.issuers[which];
+        let now = NOW_MS / 1000;
+        let hash = hex::encode(Sha256::digest(&self.csr));
+        let mut signed: Option<(Value, Value)> = None;
+        let token = match mode {
+            0 => String::from_utf8_lossy(inp.0).into_owned(),
+            1 => {
+                let mut header = json!({ "alg": issuer.alg(), "kid": issuer.kid(), "typ": "JWT" });
+                match inp.byte() % 6 {
+                    0 | 1 => {}
+                    2 => {
+                        header["alg"] = json!(
+                            ["none", "HS256", "RS256", "ES256", "ES384"]
+                                [usize::from(inp.byte() % 5)]
+                        )
+                    }
+                    3 => header["kid"] = json!(inp.text()),
+                    4 => header = json!({ "alg": issuer.alg() }),
+                    _ => header["crit"] = json!([inp.text()]),
+                }
+                let jti = hex::encode(inp.bytes(8));
+                let mut claims = issuer.standard_claims("repo:org/x", OIDC_AUDIENCE, NOW_MS, &jti);
+                claims["repository"] = json!("org/x");
+                claims["a"] = json!({ "b": "nested" });
+                claims["csr_sha256"] = json!(hash);
+                for _ in 0..inp.byte() % 4 {
+                    let field = [
+                        "iss",
+                        "sub",
+                        "aud",
+                        "iat",
+                        "nbf",
+                        "exp",
+                        "jti",
+                        "csr_sha256",
+                        "a",
+                    ][usize::from(inp.byte() % 9)];
+                    let value = match inp.byte() % 8 {
+                        0 => Value::Null,
+                        1 => json!(now + i64::from(inp.u16() as i16)),
+                        2 => json!(i64::from_le_bytes(inp.array())),
+                        3 => json!(f64::from(inp.u16()) / 7.0),
+                        4 => json!([inp.text(), OIDC_AUDIENCE]),
+                        5 => json!(inp.text()),
+                        6 => json!({ "b": inp.text() }),
+                        _ => {
+                            if let Some(o) = claims.as_object_mut() {
+                                o.remove(field);
+                            }
+                            continue;
+                        }
+                    };
+                    claims[field] = value;
+                }
+                let t = issuer.mint_with_header(&header, &claims);
+                signed = Some((header, claims));
+                t
+            }
+            _ => {
+                let claims = issuer.standard_claims("repo:org/x", OIDC_AUDIENCE, NOW_MS, "j");
+                let mut t = issuer.mint(&claims).into_bytes();
+                let at = usize::from(inp.u16()) % t.len();
+                t[at] = inp.byte();
+                String::from_utf8_lossy(&t).into_owned()
+            }
+        };
+        let result = self.attestor.attest(&sigil::attest::AttestInput {
+            document: token.as_bytes(),
+            csr_der: &self.csr,
+            csr_spki_der: &self.spki,
+            now_ms: NOW_MS,
+            window_secs: 300,
+        });
+        let v = match result {
+            Err(e) => return assert_no_echo(&e.to_string(), token.as_bytes()),
+            Ok(v) => v,
+        };
+        assert_eq!(v.format(), "oidc");
+        let Some((header, claims)) = signed else {
+            return;
+        };
+        assert_eq!(
+            header["alg"],
+            json!(issuer.alg()),
+            "accepted with alg {}",
+            header["alg"]
+        );
+        assert_eq!(
+            header["kid"],
+            json!(issuer.kid()),
+            "accepted with kid {}",
+            header["kid"]
+        );
+        assert_eq!(
+            claims["iss"],
+            json!(issuer.issuer()),
+            "accepted with iss {}",
+            claims["iss"]
+        );
+        let aud = &claims["aud"];
+        assert!(
+            *aud == json!(OIDC_AUDIENCE)
+                || aud
+                    .as_array()
+                    .is_some_and(|a| a.contains(&json!(OIDC_AUDIENCE))),
+            "accepted with aud {aud}"
+        );
+        let iat = claims["iat"]
+            .as_f64()
+            .expect("accepted without a numeric iat");
+        assert!((iat - now as f64).abs() <= 300.0, "accepted with iat {iat}");
+        if which == 0 {
+            assert_eq!(claims["csr_sha256"], json!(hash), "accepted unbound");
+        }
+        if let Some(jti) = claims["jti"].as_str() {
+            match v.replay_guard() {
+                ReplayGuard::Jti { key, .. } => {
+                    assert_eq!(*key, format!("{}:{jti}", ["ec", "rsa"][which]))
+                }
+                other => panic!("OIDC replay guard {other:?}"),
+            }
+        }
+    }
+}
+
+impl Default for OidcHarness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The `oidc` target.
+pub fn oidc(data: &[u8]) {
+    static H: OnceLock<OidcHarness> = OnceLock::new();
+    H.get_or_init(OidcHarness::new).run(data);
 }

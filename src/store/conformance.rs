@@ -46,6 +46,7 @@ pub async fn run_all(store: &dyn Store) {
     concurrent_audit_appends_chain(store).await;
     revocation_and_renewal(store).await;
     attestation_guards(store).await;
+    shared_meta(store).await;
     plan_lifecycle(store).await;
 }
 
@@ -1291,4 +1292,28 @@ pub async fn attestation_guards(store: &dyn Store) {
         AttestOutcome::ChallengeUnknown
     );
     all_audit(store).await;
+}
+
+// === Shared metadata ===
+
+/// Insert-if-absent agrees on one value under concurrency; CAS has one winner.
+pub async fn shared_meta(store: &dyn Store) {
+    assert_eq!(store.fetch_meta("conf/k").await.unwrap(), None);
+    let outs = join_all(
+        (0..16u8)
+            .map(|i| store.insert_meta_if_absent("conf/k", vec![i; 4]))
+            .collect(),
+    )
+    .await;
+    let first = outs[0].as_ref().unwrap().clone();
+    assert!(outs.iter().all(|o| o.as_ref().unwrap() == &first), "all agree on one value");
+    assert_eq!(store.fetch_meta("conf/k").await.unwrap(), Some(first.clone()));
+    let wins = join_all(
+        (0..8u8)
+            .map(|i| store.cas_meta("conf/k", &first, vec![100 + i]))
+            .collect(),
+    )
+    .await;
+    assert_eq!(wins.iter().filter(|w| *w.as_ref().unwrap()).count(), 1, "one CAS wins");
+    assert!(!store.cas_meta("conf/missing", b"x", vec![1]).await.unwrap());
 }

@@ -421,6 +421,18 @@ pub enum ApproveOutcome {
     Expired,
 }
 
+/// A change another replica made that this one must pick up (PostgreSQL:
+/// delivered by LISTEN/NOTIFY; SQLite has one process and sends none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// A revocation was recorded.
+    Revocation,
+    /// A plan was activated.
+    Plan,
+    /// Shared key material or its manifest changed (rotation).
+    Keys,
+}
+
 /// Counts of rows, for status and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreCounts {
@@ -550,6 +562,23 @@ pub trait Store: Send + Sync + 'static {
     /// one-use key unseen (then it is remembered); the certificate and audit
     /// row are recorded in the same transaction.
     async fn redeem_attestation(&self, r: AttestRedemption) -> Result<AttestOutcome, StoreError>;
+
+    /// A shared metadata value (e.g. KEK-encrypted key material, the key
+    /// ring manifest).
+    async fn fetch_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Stores `value` under `key` unless a value exists; returns the stored
+    /// value (ours, or the one another replica stored first). Replicas
+    /// booting together on an empty store agree on one value.
+    async fn insert_meta_if_absent(&self, key: &str, value: Vec<u8>) -> Result<Vec<u8>, StoreError>;
+
+    /// Compare-and-swap: replaces the value of `key` with `new` only if it
+    /// currently equals `expected`. Returns whether it did (so exactly one
+    /// replica wins a rotation).
+    async fn cas_meta(&self, key: &str, expected: &[u8], new: Vec<u8>) -> Result<bool, StoreError>;
+
+    /// Changes made elsewhere (other replicas), for cache invalidation.
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<StoreEvent>;
 
     /// Row counts.
     async fn counts(&self) -> Result<StoreCounts, StoreError>;

@@ -57,7 +57,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Schema migrations; `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
 /// Append new entries, never edit old ones.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5];
 
 /// Version 1: tokens, nonces, issued certificates, audit chain.
 const SCHEMA_V1: &str = "
@@ -150,6 +150,14 @@ CREATE TABLE challenges (
 CREATE INDEX challenges_expires_at_ms ON challenges (expires_at_ms);
 ";
 
+/// Version 5: shared metadata (key material, key ring manifest).
+const SCHEMA_V5: &str = "
+CREATE TABLE meta (
+    key   TEXT NOT NULL PRIMARY KEY,
+    value BLOB NOT NULL
+) STRICT, WITHOUT ROWID;
+";
+
 /// SQL condition: the `issued` row aliased `c` is covered by a revocation.
 const COVERED: &str = "(EXISTS (SELECT 1 FROM revocations r WHERE \
        (r.kind = 'serial' AND r.value = c.serial) \
@@ -195,6 +203,8 @@ pub struct SqliteStore {
     writer: tokio::sync::Mutex<Option<JoinHandle<()>>>,
     /// The read-only connection.
     reader: Arc<Mutex<Connection>>,
+    /// Never sent on (single process); see [`Store::subscribe`].
+    events: tokio::sync::broadcast::Sender<crate::store::StoreEvent>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -223,6 +233,7 @@ impl SqliteStore {
             ops: RwLock::new(Some(tx)),
             writer: tokio::sync::Mutex::new(Some(handle)),
             reader: Arc::new(Mutex::new(reader)),
+            events: tokio::sync::broadcast::channel(1).0,
         })
     }
 
@@ -504,6 +515,46 @@ impl Store for SqliteStore {
     async fn redeem_attestation(&self, r: AttestRedemption) -> Result<AttestOutcome, StoreError> {
         self.job(move |conn, head| redeem_attestation(conn, head, &r))
             .await
+    }
+
+    async fn fetch_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = key.to_owned();
+        self.read(move |c| {
+            Ok(c.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+                .query_row([&key], |r| r.get::<_, Vec<u8>>(0))
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn insert_meta_if_absent(&self, key: &str, value: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        let key = key.to_owned();
+        self.job(move |conn, _| {
+            conn.prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING")?
+                .execute(params![key, value])?;
+            Ok(conn
+                .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+                .query_row([&key], |r| r.get::<_, Vec<u8>>(0))?)
+        })
+        .await
+    }
+
+    async fn cas_meta(&self, key: &str, expected: &[u8], new: Vec<u8>) -> Result<bool, StoreError> {
+        let key = key.to_owned();
+        let expected = expected.to_vec();
+        self.job(move |conn, _| {
+            let n = conn
+                .prepare_cached("UPDATE meta SET value = ?3 WHERE key = ?1 AND value = ?2")?
+                .execute(params![key, expected, new])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::store::StoreEvent> {
+        // One process owns the file: the broker already reloads after its
+        // own writes, so nothing is ever sent.
+        self.events.subscribe()
     }
 
     async fn counts(&self) -> Result<StoreCounts, StoreError> {
@@ -1602,6 +1653,7 @@ mod tests {
             concurrent_audit_appends_chain,
             revocation_and_renewal,
             attestation_guards,
+            shared_meta,
             plan_lifecycle,
         );
     }

@@ -124,3 +124,15 @@ fn fuzz_inputs_enroll() {
         );
     }
 }
+
+#[test]
+fn fuzz_inputs_nitro() {
+    let h = targets::NitroHarness::new();
+    replay("nitro", |d| h.run(d));
+}
+
+#[test]
+fn fuzz_inputs_oidc() {
+    let h = targets::OidcHarness::new();
+    replay("oidc", |d| h.run(d));
+}
