@@ -63,6 +63,17 @@ impl AuditKind {
     }
 }
 
+tokio::task_local! {
+    /// The id of the request being served; set by the api layer, copied into
+    /// every audit row the request produces and into its log lines.
+    pub static REQUEST_ID: String;
+}
+
+/// The current request id, if the caller runs inside [`REQUEST_ID`]'s scope.
+pub fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(Clone::clone).ok()
+}
+
 /// An event to append. Build with [`AuditRecord::new`] and [`AuditRecord::field`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditRecord {
@@ -77,13 +88,17 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
-    /// A new event.
+    /// A new event (tagged with the current request id, if any).
     pub fn new(time_ms: i64, kind: AuditKind, outcome: &str) -> Self {
+        let mut fields = Map::new();
+        if let Some(id) = current_request_id() {
+            fields.insert("request_id".to_owned(), Value::String(id));
+        }
         Self {
             time_ms,
             kind: kind.as_str().to_owned(),
             outcome: outcome.to_owned(),
-            fields: Map::new(),
+            fields,
         }
     }
 

@@ -47,6 +47,59 @@ pub struct FileConfig {
     pub require_bootstrap_secret: Option<bool>,
     /// Attestation settings.
     pub attestation: Option<AttestationFile>,
+    /// Prometheus listener address.
+    pub metrics_listen: Option<String>,
+    /// Proxy CIDRs trusted for `x-forwarded-for`.
+    pub trusted_proxies: Option<Vec<String>>,
+    /// Rate limits.
+    pub rate_limits: Option<RateLimitsFile>,
+}
+
+/// `[rate_limits]` in the config file. Rates are per second per peer.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitsFile {
+    /// Turn every limit off (benchmarks only).
+    pub disabled: Option<bool>,
+    /// Enroll/Renew/FetchJWT per second (burst = 2×).
+    pub issue_per_sec: Option<f64>,
+    /// GetChallenge per second (burst = 2×).
+    pub challenge_per_sec: Option<f64>,
+    /// BootstrapPlan per second (burst 5).
+    pub bootstrap_per_sec: Option<f64>,
+    /// Failed credential checks allowed in a burst (refilled 1/s).
+    pub failure_burst: Option<f64>,
+    /// Peers never limited, e.g. ["127.0.0.0/8"] for a local load generator.
+    pub exempt: Option<Vec<String>>,
+}
+
+impl RateLimitsFile {
+    /// Applies the file's settings to `cfg`.
+    ///
+    /// # Errors
+    /// A bad CIDR.
+    pub fn apply(&self, cfg: &mut crate::ratelimit::RateConfig) -> Result<(), String> {
+        use crate::ratelimit::{Cidr, Rate};
+        if let Some(d) = self.disabled {
+            cfg.disabled = d;
+        }
+        if let Some(r) = self.issue_per_sec {
+            cfg.issue = Rate::new(r, 2.0 * r);
+        }
+        if let Some(r) = self.challenge_per_sec {
+            cfg.challenge = Rate::new(r, 2.0 * r);
+        }
+        if let Some(r) = self.bootstrap_per_sec {
+            cfg.bootstrap = Rate::new(r, 5.0);
+        }
+        if let Some(b) = self.failure_burst {
+            cfg.failures = Rate::new(1.0, b);
+        }
+        for c in self.exempt.iter().flatten() {
+            cfg.exempt.push(Cidr::parse(c)?);
+        }
+        Ok(())
+    }
 }
 
 /// `[attestation]` in the config file.
@@ -184,6 +237,14 @@ pub struct Config {
     pub require_bootstrap_secret: bool,
     /// Attestation verifiers' trust (Nitro roots, OIDC issuers).
     pub attest: crate::attest::registry::AttestConfig,
+    /// Per-peer rate limits.
+    pub rates: crate::ratelimit::RateConfig,
+    /// Proxies whose `x-forwarded-for` metadata names the real client.
+    pub trusted_proxies: Vec<crate::ratelimit::Cidr>,
+    /// Prometheus endpoint (`GET /metrics`); off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// A TLS handshake must complete within this time (slow clients are cut off).
+    pub handshake_timeout: std::time::Duration,
 }
 
 impl std::fmt::Display for Config {
@@ -225,6 +286,10 @@ impl Config {
             bootstrap_secret_file: None,
             require_bootstrap_secret: false,
             attest: crate::attest::registry::AttestConfig::default(),
+            rates: crate::ratelimit::RateConfig::default(),
+            trusted_proxies: Vec::new(),
+            metrics_listen: None,
+            handshake_timeout: std::time::Duration::from_secs(10),
         }
     }
 }

@@ -7,6 +7,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`cli`] | command-line verbs; admin verbs speak the gRPC admin API |
+//! | [`agent`] | `sigil agent`: host agent, SPIFFE Workload API on a Unix socket; a broker client like `cli` |
 //! | [`server`] | composition root: builds the store, CA, broker and listeners |
 //! | [`config`] | flags, `SIGIL_*` env and TOML file → typed [`config::Config`] |
 //! | [`api`] | the only module that names tonic/prost: proto ⇄ core, errors ⇄ Status |
@@ -15,12 +16,17 @@
 //! | [`ca`] | X.509 and JWT signing, CSR checks, the trust bundle |
 //! | [`store`] | durable one-use state behind one trait; SQLite backend |
 //! | [`audit`] | audit event shape and the hash chain |
+//! | [`attest`] | attestation verifiers (Nitro, OIDC) behind one trait |
+//! | [`policy`] | plans: parse, validate, canonicalise, hash |
+//! | [`tls`] | the public port's dynamic TLS (rotation-aware) |
+//! | [`ratelimit`], [`metrics`] | leaves: token buckets, Prometheus text |
 //! | [`identity`], [`secret`], [`clock`] | leaves: SPIFFE names, secret bytes, time |
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod agent;
 pub mod api;
 pub mod attest;
 pub mod audit;
@@ -30,7 +36,9 @@ pub mod clock;
 pub mod config;
 pub mod core;
 pub mod identity;
+pub mod metrics;
 pub mod policy;
+pub mod ratelimit;
 pub mod secret;
 pub mod server;
 pub mod store;

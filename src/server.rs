@@ -36,8 +36,7 @@ use crate::{
 
 /// How often the maintenance task runs (rotation schedule, purge, CRLs).
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(30);
-/// A TLS handshake must complete within this time.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long shutdown waits for in-flight calls.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
@@ -45,6 +44,8 @@ const DRAIN_GRACE: Duration = Duration::from_secs(10);
 pub struct Running {
     /// The bound TLS address (useful with port 0).
     pub addr: SocketAddr,
+    /// The bound metrics address, when enabled.
+    pub metrics_addr: Option<SocketAddr>,
     /// The admin socket path.
     pub admin_socket: PathBuf,
     /// `sha256:<hex>` CA pin.
@@ -229,6 +230,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     bcfg.window_secs = cfg.window_secs;
     bcfg.x509_ttl_secs = cfg.x509_ttl_secs;
     bcfg.jwt_ttl_secs = cfg.jwt_ttl_secs;
+    bcfg.rates = cfg.rates.clone();
     let (bootstrap, bootstrap_source) = load_bootstrap_secret(&cfg)?;
     let broker = Arc::new(
         Broker::new(
@@ -293,10 +295,15 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(IdentityApi::new(broker.clone()).into_service())
+        .add_service(
+            IdentityApi::new(broker.clone())
+                .with_trusted_proxies(cfg.trusted_proxies.clone())
+                .into_service(),
+        )
         .add_service(AdminApi::public(broker.clone()).into_service())
+        .add_service(crate::api::delegation::DelegationApi::new(broker.clone()).into_service())
         .serve_with_incoming_shutdown(
-            crate::tls::incoming(listener, tls.clone(), HANDSHAKE_TIMEOUT),
+            crate::tls::incoming(listener, tls.clone(), cfg.handshake_timeout),
             wait_stop(stop_rx.clone()),
         );
     let admin = Server::builder()
@@ -350,6 +357,15 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         }
     });
 
+    let metrics_addr = match cfg.metrics_listen {
+        Some(a) => {
+            let bound = spawn_metrics(a, broker.clone(), stop_rx.clone()).await?;
+            fs::write(cfg.data_dir.join("metrics.addr"), format!("{bound}\n"))?;
+            Some(bound)
+        }
+        None => None,
+    };
+
     let socket_path = cfg.admin_socket.clone();
     let stop_on_failure = stop.clone();
     let task = tokio::spawn(async move {
@@ -383,6 +399,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         "sigil serving"
     );
     Ok(Running {
+        metrics_addr,
         addr,
         admin_socket: cfg.admin_socket.clone(),
         ca_pin: broker.ca_pin(),
@@ -390,6 +407,100 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         stop,
         task,
     })
+}
+
+/// Serves `GET /metrics` (Prometheus text) on `addr` until stopped. A
+/// minimal HTTP/1.0 responder: one request per connection, 8 KiB request
+/// cap, 5 s to send it.
+async fn spawn_metrics(
+    addr: SocketAddr,
+    broker: Arc<Broker>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<SocketAddr> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind metrics {addr}"))?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let conn = tokio::select! {
+                c = listener.accept() => c,
+                _ = stop.changed() => break,
+            };
+            let Ok((mut sock, _)) = conn else { continue };
+            let broker = broker.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut n = 0;
+                let read = tokio::time::timeout(Duration::from_secs(5), async {
+                    while n < buf.len() {
+                        match sock.read(&mut buf[n..]).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => {
+                                n += k;
+                                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                })
+                .await;
+                if read.is_err() {
+                    return;
+                }
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let (status, body) = if head.starts_with("GET /metrics ") {
+                    ("200 OK", metrics_text(&broker))
+                } else {
+                    ("404 Not Found", "not found\n".to_owned())
+                };
+                let resp = format!(
+                    "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    tracing::info!(listen = %bound, "metrics serving");
+    Ok(bound)
+}
+
+/// Counters and histograms, plus gauges read from the broker at scrape time.
+fn metrics_text(broker: &Broker) -> String {
+    let view = broker.authority().view();
+    let mut gauges: Vec<crate::metrics::Gauge<'_>> = vec![
+        (
+            "sigil_plan_version",
+            vec![],
+            broker.active_plan().map_or(0.0, |p| p.version as f64),
+        ),
+        ("sigil_bundle_sequence", vec![], view.sequence as f64),
+        (
+            "sigil_rate_limited_peers",
+            vec![],
+            broker.rate_limited_peers() as f64,
+        ),
+    ];
+    for (meta, ca) in &view.generations {
+        gauges.push((
+            "sigil_ca_not_after_seconds",
+            vec![
+                ("generation", meta.id.to_string()),
+                ("state", format!("{:?}", meta.state).to_lowercase()),
+            ],
+            (ca.ca_not_after_ms() / 1000) as f64,
+        ));
+    }
+    gauges.push((
+        "sigil_revocations",
+        vec![],
+        broker.revocation_count() as f64,
+    ));
+    crate::metrics::global().render(&gauges)
 }
 
 /// Serving certificate from the serving generation (the oldest one still

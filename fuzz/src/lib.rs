@@ -30,7 +30,10 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, Mutex, OnceLock, PoisonError},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, OnceLock, PoisonError,
+    },
 };
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
@@ -328,6 +331,8 @@ pub struct EnrollHarness {
     seen: Mutex<Seen>,
     /// Outcome counts: `OK` or the refusal reason.
     outcomes: Mutex<HashMap<&'static str, u64>>,
+    /// Requests so far (numbers the callers' addresses).
+    requests: AtomicU64,
     // Last: removed after the store is closed.
     _dir: tempfile::TempDir,
 }
@@ -399,6 +404,7 @@ impl EnrollHarness {
             csrs: valid_csrs(),
             seen: Mutex::new(Seen::default()),
             outcomes: Mutex::new(HashMap::new()),
+            requests: AtomicU64::new(0),
             _dir: dir,
         }
     }
@@ -407,8 +413,8 @@ impl EnrollHarness {
     /// rules:
     /// * no success without a correct HMAC under the claimed token's secret,
     ///   for a token we created and did not revoke;
-    /// * without a correct HMAC, only `MALFORMED_REQUEST` or
-    ///   `INVALID_SIGNATURE` (token state is never revealed);
+    /// * without a correct HMAC, only `MALFORMED_REQUEST`,
+    ///   `INVALID_SIGNATURE` or `RATE_LIMITED` (token state is never revealed);
     /// * never `INTERNAL` / `UNAVAILABLE` on any input;
     /// * a success certifies the CSR's key for the token's SPIFFE ID, its
     ///   nonce was never accepted before, the same (token, key) always gets
@@ -416,9 +422,16 @@ impl EnrollHarness {
     pub fn run(&self, data: &[u8]) {
         let mut inp = Input(data);
         let req = self.decode(&mut inp);
-        let caller = Caller::Peer {
-            addr: "fuzz".into(),
+        // A fresh address per request, so the per-peer rate limits (which
+        // never refill under the fixed mock clock) don't end the run; an
+        // input may instead ask for one shared "hot" peer.
+        let n = self.requests.fetch_add(1, Ordering::Relaxed);
+        let addr = if inp.byte() == 0xff {
+            "192.0.2.1:1".to_owned()
+        } else {
+            format!("10.{}.{}.{}:4000", (n >> 16) & 255, (n >> 8) & 255, n & 255)
         };
+        let caller = Caller::Peer { addr };
         let result = self.rt.block_on(self.broker.enroll(
             EnrollParams {
                 csr: req.csr.clone(),
@@ -444,7 +457,10 @@ impl EnrollHarness {
                     assert!(
                         matches!(
                             reason,
-                            "MALFORMED_REQUEST" | "INVALID_SIGNATURE" | "UNIMPLEMENTED"
+                            "MALFORMED_REQUEST"
+                                | "INVALID_SIGNATURE"
+                                | "UNIMPLEMENTED"
+                                | "RATE_LIMITED"
                         ),
                         "{reason} revealed to a caller without the token secret"
                     );
@@ -732,6 +748,8 @@ pub struct NitroHarness {
     attestor: sigil::attest::NitroAttestor,
     csr: Vec<u8>,
     spki: Vec<u8>,
+    /// Documents accepted so far.
+    pub accepted: AtomicU64,
 }
 
 impl NitroHarness {
@@ -745,6 +763,7 @@ impl NitroHarness {
             attestor,
             csr,
             spki,
+            accepted: AtomicU64::new(0),
         }
     }
 
@@ -865,6 +884,7 @@ impl NitroHarness {
         match result {
             Err(e) => assert_no_echo(&e.to_string(), &document),
             Ok(v) => {
+                self.accepted.fetch_add(1, Ordering::Relaxed);
                 assert_eq!(v.format(), "aws_nitro");
                 if mode == 1 {
                     assert!(bound, "a Nitro document not bound to the CSR was accepted");
@@ -899,6 +919,8 @@ pub struct OidcHarness {
     attestor: sigil::attest::OidcAttestor,
     csr: Vec<u8>,
     spki: Vec<u8>,
+    /// Tokens accepted so far.
+    pub accepted: AtomicU64,
 }
 
 /// The audience the OIDC harness accepts.
@@ -920,6 +942,7 @@ impl OidcHarness {
             attestor,
             csr,
             spki,
+            accepted: AtomicU64::new(0),
         }
     }
 
@@ -1012,6 +1035,7 @@ impl OidcHarness {
             Err(e) => return assert_no_echo(&e.to_string(), token.as_bytes()),
             Ok(v) => v,
         };
+        self.accepted.fetch_add(1, Ordering::Relaxed);
         assert_eq!(v.format(), "oidc");
         let Some((header, claims)) = signed else {
             return;

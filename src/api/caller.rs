@@ -5,14 +5,29 @@
 use tonic::Request;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use crate::core::Caller;
+use crate::{core::Caller, ratelimit::Cidr};
 
-/// The caller of a request on the public TLS port.
+/// The caller of a request on the public TLS port (no trusted proxies).
 pub fn public_caller<T>(req: &Request<T>) -> Caller {
-    let addr = req
-        .remote_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|| "unknown".to_owned());
+    public_caller_via(req, &[])
+}
+
+/// The caller of a request on the public TLS port. When the connection comes
+/// from a trusted proxy, the client address is the last `x-forwarded-for`
+/// hop instead (only an IP address is accepted; anything else is ignored).
+pub fn public_caller_via<T>(req: &Request<T>, trusted_proxies: &[Cidr]) -> Caller {
+    let remote = req.remote_addr();
+    let forwarded = remote
+        .filter(|r| trusted_proxies.iter().any(|c| c.contains(r.ip())))
+        .and_then(|_| req.metadata().get("x-forwarded-for"))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|ip| ip.trim().parse::<std::net::IpAddr>().ok());
+    let addr = match (forwarded, remote) {
+        (Some(ip), _) => ip.to_string(),
+        (None, Some(a)) => a.to_string(),
+        (None, None) => "unknown".to_owned(),
+    };
     let leaf = req
         .peer_certs()
         .and_then(|certs| certs.first().map(|c| c.to_vec()));

@@ -3,6 +3,7 @@
 //! the answer; errors become Status in [`status`] only. No rules live here.
 
 pub mod caller;
+pub mod delegation;
 pub mod pb;
 pub mod status;
 
@@ -12,6 +13,40 @@ use tonic::{Request, Response, Status};
 
 use crate::core::{Broker, Caller, Credential, EnrollParams};
 
+/// Runs `fut` as request `rpc`: a fresh request id (in the tracing span and
+/// every audit row), latency and outcome metrics.
+async fn served<T>(
+    rpc: &'static str,
+    fut: impl std::future::Future<Output = Result<T, crate::core::Error>>,
+) -> Result<T, Status> {
+    use tracing::Instrument;
+    let mut id = [0u8; 8];
+    rand::fill(&mut id);
+    let id = hex::encode(id);
+    let span = tracing::info_span!("rpc", rpc, request_id = %id);
+    let start = std::time::Instant::now();
+    let r = crate::audit::REQUEST_ID
+        .scope(id, fut.instrument(span))
+        .await;
+    let m = crate::metrics::global();
+    let outcome = match &r {
+        Ok(_) => "ok",
+        Err(e) => e.reason(),
+    };
+    m.inc(
+        "sigil_rpc_requests_total",
+        &[("rpc", rpc), ("outcome", outcome)],
+        1,
+    );
+    m.observe(
+        "sigil_rpc_duration_seconds",
+        &[("rpc", rpc)],
+        crate::metrics::LATENCY_BUCKETS,
+        start.elapsed().as_secs_f64(),
+    );
+    r.map_err(Status::from)
+}
+
 /// Largest request message accepted on any service (64 KiB).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
@@ -19,12 +54,26 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct IdentityApi {
     broker: Arc<Broker>,
+    proxies: Arc<Vec<crate::ratelimit::Cidr>>,
 }
 
 impl IdentityApi {
     /// Wraps the broker.
     pub fn new(broker: Arc<Broker>) -> Self {
-        Self { broker }
+        Self {
+            broker,
+            proxies: Arc::default(),
+        }
+    }
+
+    /// Trusts `x-forwarded-for` from these proxy networks.
+    pub fn with_trusted_proxies(mut self, proxies: Vec<crate::ratelimit::Cidr>) -> Self {
+        self.proxies = Arc::new(proxies);
+        self
+    }
+
+    fn caller<T>(&self, req: &Request<T>) -> Caller {
+        caller::public_caller_via(req, &self.proxies)
     }
 
     /// The tonic service with size caps applied.
@@ -40,7 +89,7 @@ impl pb::identity_server::Identity for IdentityApi {
         &self,
         request: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
-        let caller = caller::public_caller(&request);
+        let caller = self.caller(&request);
         let req = request.into_inner();
         let credential = match req.credential {
             Some(pb::enroll_request::Credential::Token(t)) => Some(Credential::Token {
@@ -54,17 +103,18 @@ impl pb::identity_server::Identity for IdentityApi {
             }),
             None => None,
         };
-        let out = self
-            .broker
-            .enroll(
+        let out = served(
+            "Enroll",
+            self.broker.enroll(
                 EnrollParams {
                     csr: req.csr,
                     credential,
                     jwt_audiences: req.jwt_audiences,
                 },
                 &caller,
-            )
-            .await?;
+            ),
+        )
+        .await?;
         Ok(Response::new(enroll_response(out)))
     }
 
@@ -81,9 +131,13 @@ impl pb::identity_server::Identity for IdentityApi {
         &self,
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
-        let caller = caller::public_caller(&request);
+        let caller = self.caller(&request);
         let r = request.into_inner();
-        let out = self.broker.renew(&r.csr, &r.jwt_audiences, &caller).await?;
+        let out = served(
+            "Renew",
+            self.broker.renew(&r.csr, &r.jwt_audiences, &caller),
+        )
+        .await?;
         Ok(Response::new(enroll_response(out)))
     }
 
@@ -92,12 +146,13 @@ impl pb::identity_server::Identity for IdentityApi {
         &self,
         request: Request<pb::FetchJwtRequest>,
     ) -> Result<Response<pb::FetchJwtResponse>, Status> {
-        let caller = caller::public_caller(&request);
+        let caller = self.caller(&request);
         let r = request.into_inner();
-        let j = self
-            .broker
-            .fetch_jwt(&r.audiences, r.ttl_seconds, &caller)
-            .await?;
+        let j = served(
+            "FetchJWT",
+            self.broker.fetch_jwt(&r.audiences, r.ttl_seconds, &caller),
+        )
+        .await?;
         Ok(Response::new(pb::FetchJwtResponse {
             jwt_svid: j.token,
             expires_at: j.expires_at,
@@ -110,7 +165,11 @@ impl pb::identity_server::Identity for IdentityApi {
         request: Request<pb::ValidateJwtRequest>,
     ) -> Result<Response<pb::ValidateJwtResponse>, Status> {
         let r = request.into_inner();
-        let v = self.broker.validate_jwt(&r.token, &r.audience)?;
+        let broker = &self.broker;
+        let v = served("ValidateJWT", async {
+            broker.validate_jwt(&r.token, &r.audience)
+        })
+        .await?;
         Ok(Response::new(pb::ValidateJwtResponse {
             spiffe_id: v.spiffe_id,
             claims_json: v.claims_json,
@@ -130,9 +189,10 @@ impl pb::identity_server::Identity for IdentityApi {
     #[tracing::instrument(skip_all, name = "GetChallenge")]
     async fn get_challenge(
         &self,
-        _request: Request<pb::GetChallengeRequest>,
+        request: Request<pb::GetChallengeRequest>,
     ) -> Result<Response<pb::GetChallengeResponse>, Status> {
-        let c = self.broker.challenge().await?;
+        let caller = self.caller(&request);
+        let c = served("GetChallenge", self.broker.challenge(&caller)).await?;
         Ok(Response::new(pb::GetChallengeResponse {
             nonce: c.nonce,
             expires_at: c.expires_at,
@@ -327,10 +387,12 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::BootstrapPlanResponse>, Status> {
         let caller = self.caller(&request);
         let r = request.into_inner();
-        let b = self
-            .broker
-            .bootstrap_plan(&r.payload, &r.signature, &r.plan, &caller)
-            .await?;
+        let b = served(
+            "BootstrapPlan",
+            self.broker
+                .bootstrap_plan(&r.payload, &r.signature, &r.plan, &caller),
+        )
+        .await?;
         Ok(Response::new(pb::BootstrapPlanResponse {
             status: "PLAN_CREATED".to_owned(),
             plan_version: b.version,

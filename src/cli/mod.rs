@@ -2,6 +2,7 @@
 //! verbs talk to a running broker through its gRPC admin socket. Exit codes
 //! are a contract for scripts (see [`exit`]).
 
+mod agent;
 mod client;
 mod enroll;
 mod lifecycle;
@@ -155,6 +156,8 @@ pub enum Command {
     /// Show or watch the trust bundle.
     #[command(subcommand)]
     Bundle(lifecycle::BundleCmd),
+    /// Run the host agent: keep an SVID fresh and serve the SPIFFE Workload API.
+    Agent(agent::AgentArgs),
     /// Print a fresh one-use server challenge (hex) for an attestation document.
     Challenge {
         /// Broker and trust.
@@ -252,6 +255,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Ca(c) => lifecycle::ca(c).await,
         Command::Bundle(c) => lifecycle::bundle(c).await,
         Command::Challenge { target, json } => lifecycle::challenge(target, json).await,
+        Command::Agent(a) => agent::run(a).await,
     };
     match result {
         Ok(()) => exit::OK,

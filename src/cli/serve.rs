@@ -52,6 +52,27 @@ pub struct ServeArgs {
     /// generated into <data-dir>/bootstrap_secret.
     #[arg(long, env = "SIGIL_BOOTSTRAP_SECRET_FILE")]
     pub bootstrap_secret_file: Option<PathBuf>,
+    /// Prometheus metrics listener, e.g. 127.0.0.1:9090 (off by default).
+    #[arg(long, env = "SIGIL_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Proxy network whose `x-forwarded-for` names the real client (repeatable).
+    #[arg(
+        long = "trusted-proxy",
+        env = "SIGIL_TRUSTED_PROXY",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<String>,
+    /// Peers exempt from rate limits, e.g. 127.0.0.0/8 for a local load
+    /// generator (repeatable).
+    #[arg(
+        long = "rate-limit-exempt",
+        env = "SIGIL_RATE_LIMIT_EXEMPT",
+        value_delimiter = ','
+    )]
+    pub rate_limit_exempt: Vec<String>,
+    /// Turn rate limits off (benchmarks only).
+    #[arg(long, env = "SIGIL_NO_RATE_LIMITS")]
+    pub no_rate_limits: bool,
     /// Never generate a bootstrap secret: BootstrapPlan answers
     /// BOOTSTRAP_SECRET_MISSING until one is given by env or file.
     #[arg(long, env = "SIGIL_REQUIRE_BOOTSTRAP_SECRET")]
@@ -110,6 +131,27 @@ impl ServeArgs {
             self.require_bootstrap_secret || file.require_bootstrap_secret.unwrap_or(false);
         if let Some(a) = &file.attestation {
             cfg.attest = a.resolve()?;
+        }
+        if let Some(r) = &file.rate_limits {
+            r.apply(&mut cfg.rates)?;
+        }
+        for c in &self.rate_limit_exempt {
+            cfg.rates.exempt.push(crate::ratelimit::Cidr::parse(c)?);
+        }
+        cfg.rates.disabled |= self.no_rate_limits;
+        let proxies = if self.trusted_proxies.is_empty() {
+            file.trusted_proxies.clone().unwrap_or_default()
+        } else {
+            self.trusted_proxies.clone()
+        };
+        for c in &proxies {
+            cfg.trusted_proxies.push(crate::ratelimit::Cidr::parse(c)?);
+        }
+        if let Some(m) = self.metrics_listen.clone().or(file.metrics_listen.clone()) {
+            cfg.metrics_listen = Some(
+                m.parse()
+                    .map_err(|_| format!("--metrics-listen {m:?}: expected IP:PORT"))?,
+            );
         }
         Ok(cfg)
     }

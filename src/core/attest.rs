@@ -66,8 +66,9 @@ impl Broker {
     /// replica can redeem it), valid for the freshness window.
     ///
     /// # Errors
-    /// `Unavailable`.
-    pub async fn challenge(&self) -> Result<Challenge, Error> {
+    /// `RateLimited`, `Unavailable`.
+    pub async fn challenge(&self, caller: &Caller) -> Result<Challenge, Error> {
+        self.rate_gate(caller, crate::ratelimit::Limit::Challenge)?;
         let mut nonce = vec![0u8; CHALLENGE_LEN];
         rand::fill(&mut nonce[..]);
         let expires_at_ms = self.clock.now_ms() + self.cfg.window_secs * 1000;

@@ -51,6 +51,8 @@ pub struct BrokerConfig {
     pub max_token_ttl_secs: i64,
     /// `spiffe_refresh_hint` of the bundle, seconds.
     pub bundle_refresh_hint_secs: u64,
+    /// Per-peer rate limits.
+    pub rates: crate::ratelimit::RateConfig,
 }
 
 impl BrokerConfig {
@@ -64,6 +66,7 @@ impl BrokerConfig {
             default_token_ttl_secs: 600,
             max_token_ttl_secs: 30 * 24 * 3600,
             bundle_refresh_hint_secs: 300,
+            rates: crate::ratelimit::RateConfig::default(),
         }
     }
 }
@@ -98,6 +101,16 @@ impl Caller {
             Self::Svid {
                 spiffe_id, addr, ..
             } => format!("{spiffe_id}@{addr}"),
+        }
+    }
+
+    /// The rate-limit key: the IP address, the SPIFFE ID of an mTLS caller,
+    /// or `local` (never limited).
+    pub fn rate_key(&self) -> Option<String> {
+        match self {
+            Self::LocalAdmin => None,
+            Self::Peer { addr } => Some(crate::ratelimit::peer_key(addr)),
+            Self::Svid { spiffe_id, .. } => Some(spiffe_id.clone()),
         }
     }
 
@@ -279,6 +292,8 @@ pub struct Broker {
     /// publishes under this lock, so a slow reader can never overwrite a
     /// newer state with an older one.
     pub(super) reload_lock: tokio::sync::Mutex<()>,
+    /// Per-peer token buckets.
+    pub(super) limiter: crate::ratelimit::RateLimiter,
     /// Attestation verifiers by format.
     pub(super) attestors: Arc<crate::attest::registry::Registry>,
     /// Bumped whenever the CRLs are regenerated (the server rewrites crl.der).
@@ -306,6 +321,7 @@ impl Broker {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, Error> {
         let (bundle_tx, _) = tokio::sync::watch::channel(authority.view().sequence);
+        let cfg_rates = cfg.rates.clone();
         let b = Self {
             cfg,
             store,
@@ -316,6 +332,7 @@ impl Broker {
             crl_tx: tokio::sync::watch::channel(0).0,
             attestors: Arc::new(secrets.attestors),
             reload_lock: tokio::sync::Mutex::new(()),
+            limiter: crate::ratelimit::RateLimiter::new(cfg_rates),
             token_key: secrets.token_key,
             bootstrap_secret: secrets.bootstrap,
             bootstrap_source: secrets.bootstrap_source,
@@ -466,6 +483,57 @@ impl Broker {
     /// Every refusal has its documented reason; refusals are audited and
     /// change nothing else.
     pub async fn enroll(&self, req: EnrollParams, caller: &Caller) -> Result<Enrolled, Error> {
+        self.rate_gate(caller, crate::ratelimit::Limit::Issue)?;
+        let r = self.enroll_inner(req, caller).await;
+        if let Err(e) = &r {
+            self.penalize_if_guessing(caller, e);
+        }
+        r
+    }
+
+    /// Refuses callers that exhausted their failure budget or `limit`.
+    ///
+    /// # Errors
+    /// `RateLimited` with a retry-after hint.
+    pub(super) fn rate_gate(
+        &self,
+        caller: &Caller,
+        limit: crate::ratelimit::Limit,
+    ) -> Result<(), Error> {
+        let Some(peer) = caller.rate_key() else {
+            return Ok(());
+        };
+        let now = self.clock.now_ms();
+        self.limiter
+            .check(crate::ratelimit::Limit::Failures, &peer, now)
+            .and_then(|()| self.limiter.take(limit, &peer, 1.0, now))
+            .map_err(|retry_after_ms| {
+                tracing::debug!(peer = %peer, ?limit, retry_after_ms, "rate limited");
+                Error::RateLimited { retry_after_ms }
+            })
+    }
+
+    /// Failed credential checks spend the peer's failure budget (brute force).
+    pub(super) fn penalize_if_guessing(&self, caller: &Caller, e: &Error) {
+        if matches!(
+            e,
+            Error::InvalidSignature
+                | Error::InvalidBootstrapSignature
+                | Error::AttestationInvalid(_)
+                | Error::TokenUnknown
+        ) {
+            if let Some(peer) = caller.rate_key() {
+                self.limiter.penalize(&peer, self.clock.now_ms());
+            }
+        }
+    }
+
+    /// Forgets rate-limit buckets that have refilled (called by upkeep).
+    pub fn prune_rate_limits(&self) {
+        self.limiter.prune(self.clock.now_ms());
+    }
+
+    async fn enroll_inner(&self, req: EnrollParams, caller: &Caller) -> Result<Enrolled, Error> {
         let claimed_token = match &req.credential {
             Some(Credential::Token { token_id, .. }) if token::is_valid_token_id(token_id) => {
                 Some(token_id.clone())

@@ -113,6 +113,17 @@ impl Broker {
         Ok(())
     }
 
+    /// Revocation entries held in memory (SPIFFE IDs, jtis, nodes), for metrics.
+    pub fn revocation_count(&self) -> usize {
+        let r = self.revocation_set();
+        r.spiffe_ids.len() + r.jtis.len() + r.nodes.len()
+    }
+
+    /// Peers with a rate-limit bucket, for metrics.
+    pub fn rate_limited_peers(&self) -> usize {
+        self.limiter.tracked()
+    }
+
     /// The in-memory revocation set.
     pub fn revocation_set(&self) -> Arc<RevocationSet> {
         self.revocations
@@ -171,6 +182,7 @@ impl Broker {
         audiences: &[String],
         caller: &Caller,
     ) -> Result<Enrolled, Error> {
+        self.rate_gate(caller, crate::ratelimit::Limit::Issue)?;
         let r = self.renew_inner(csr, audiences, caller).await;
         if let Err(e) = &r {
             self.audit_denial("renew", e, caller, None).await;
@@ -266,6 +278,7 @@ impl Broker {
         ttl_secs: u32,
         caller: &Caller,
     ) -> Result<FetchedJwt, Error> {
+        self.rate_gate(caller, crate::ratelimit::Limit::Issue)?;
         let r = async {
             let cert = self.caller_cert(caller, false).await?;
             if audiences.is_empty() {
@@ -576,6 +589,7 @@ impl Broker {
             self.bundle_changed().await;
         }
         self.store.purge_expired(now).await?;
+        self.prune_rate_limits();
         self.reload_plan().await?;
         self.reload_revocations().await?;
         if !changed {

@@ -6,6 +6,7 @@
 
 mod attest;
 mod broker;
+mod delegation;
 mod error;
 mod lifecycle;
 mod plans;
@@ -14,6 +15,9 @@ pub use attest::{match_entry, Challenge, CHALLENGE_LEN};
 pub use broker::{
     verify_store_chain, ActivePlan, AuditVerdict, Broker, BrokerConfig, BrokerSecrets, BundleView,
     Caller, CreatedToken, Credential, EnrollParams, Enrolled, TokenView,
+};
+pub use delegation::{
+    DelegatedEntries, DelegatedEntryView, DelegatedJwtParams, DelegatedX509Params,
 };
 pub use error::Error;
 pub use lifecycle::{FetchedJwt, RevocationSet, RotationView, ValidatedJwtView};

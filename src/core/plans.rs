@@ -244,7 +244,11 @@ impl Broker {
         plan: &[u8],
         caller: &Caller,
     ) -> Result<Bootstrapped, Error> {
+        self.rate_gate(caller, crate::ratelimit::Limit::Bootstrap)?;
         let r = self.bootstrap_inner(payload, signature, plan, caller).await;
+        if let Err(e) = &r {
+            self.penalize_if_guessing(caller, e);
+        }
         self.audited("bootstrap", caller, r).await
     }
 

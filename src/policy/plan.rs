@@ -19,6 +19,13 @@
 //! x509_ttl = "1h"
 //! jwt_ttl = "5m"
 //! dns_names = ["build.internal"]
+//!
+//! # a per-workload identity, minted by the agent `spiffe://sigil.local/node/web1`
+//! # for local callers running as uid 1000 (see `sigil agent`)
+//! [[entries]]
+//! spiffe_id = "spiffe://sigil.local/web/api"
+//! parent_id = "spiffe://sigil.local/node/web1"
+//! selectors = ["unix:uid:1000"]
 //! ```
 
 use std::collections::BTreeSet;
@@ -94,6 +101,7 @@ struct EntryFile {
     jwt_ttl: Option<Dur>,
     #[serde(default)]
     dns_names: Vec<String>,
+    parent_id: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -134,6 +142,12 @@ pub struct Entry {
     pub jwt_ttl: i64,
     /// Extra DNS SANs (sorted, unique, lowercase).
     pub dns_names: Vec<String>,
+    /// The agent (its SPIFFE ID) that may obtain this identity for the local
+    /// callers matching `selectors` (`sigil agent`, `Delegation.MintDelegated`).
+    /// Absent from the canonical JSON when unset, so plans without agents
+    /// keep their hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
 }
 
 /// A validated plan in canonical order.
@@ -241,11 +255,25 @@ impl Plan {
             if e.selectors.len() > MAX_SELECTORS {
                 return err(format!("{}: more than {MAX_SELECTORS}", at("selectors")));
             }
+            let parent_id = match &e.parent_id {
+                Some(p) => Some(own_id(&at("parent_id"), p)?),
+                None => None,
+            };
             let mut selectors = BTreeSet::new();
             for s in &e.selectors {
                 validate_selector(s)
                     .map_err(|m| PlanError(format!("{}: {s:?}: {m}", at("selectors"))))?;
+                if parent_id.is_some() {
+                    validate_agent_selector(s)
+                        .map_err(|m| PlanError(format!("{}: {s:?}: {m}", at("selectors"))))?;
+                }
                 selectors.insert(s.clone());
+            }
+            if parent_id.is_some() && selectors.is_empty() {
+                return err(format!(
+                    "{}: an entry with parent_id needs at least one selector",
+                    at("selectors")
+                ));
             }
             let x509_ttl = match &e.x509_ttl {
                 Some(d) => d.secs(&at("x509_ttl"))?,
@@ -273,7 +301,9 @@ impl Plan {
                 dns.insert(d.to_ascii_lowercase());
             }
             let selectors: Vec<String> = selectors.into_iter().collect();
-            if !selectors.is_empty() && !seen.insert(selectors.clone()) {
+            // Agents match only their own entries, so the same selectors
+            // under two different parents are not ambiguous.
+            if !selectors.is_empty() && !seen.insert((parent_id.clone(), selectors.clone())) {
                 return err(format!(
                     "{}: another entry has exactly these selectors (ambiguous match)",
                     at("selectors")
@@ -285,9 +315,16 @@ impl Plan {
                 x509_ttl,
                 jwt_ttl,
                 dns_names: dns.into_iter().collect(),
+                parent_id,
             });
         }
-        entries.sort_by(|a, b| (&a.spiffe_id, &a.selectors).cmp(&(&b.spiffe_id, &b.selectors)));
+        entries.sort_by(|a, b| {
+            (&a.spiffe_id, &a.selectors, &a.parent_id).cmp(&(
+                &b.spiffe_id,
+                &b.selectors,
+                &b.parent_id,
+            ))
+        });
         Ok(Self {
             admins: admins.into_iter().collect(),
             entries,
@@ -350,6 +387,25 @@ fn validate_selector(s: &str) -> Result<(), &'static str> {
         return Err("must not contain control characters");
     }
     Ok(())
+}
+
+/// Selectors of an entry with `parent_id` must be ones an agent observes
+/// (Unix peer credentials of the calling process), so such an entry can
+/// never match an attestation document's selectors.
+fn validate_agent_selector(s: &str) -> Result<(), &'static str> {
+    const ONLY: &str =
+        "an entry with parent_id takes unix:uid:<n>, unix:gid:<n> or unix:path:<absolute path>";
+    // Canonical decimal only (no sign, no leading zero), as the agent writes it.
+    let decimal = |n: &str| {
+        n.bytes().all(|b| b.is_ascii_digit())
+            && n.parse::<u32>().is_ok()
+            && (n == "0" || !n.starts_with('0'))
+    };
+    match s.strip_prefix("unix:").and_then(|r| r.split_once(':')) {
+        Some(("uid" | "gid", n)) if decimal(n) => Ok(()),
+        Some(("path", p)) if p.starts_with('/') => Ok(()),
+        _ => Err(ONLY),
+    }
 }
 
 fn validate_dns(d: &str) -> Result<(), &'static str> {
@@ -438,5 +494,60 @@ dns_names = ["Build.Internal"]
         }
         assert!(Plan::parse(b"", &td()).is_err());
         assert!(Plan::parse(&[0xff, 0xfe], &td()).is_err());
+    }
+
+    #[test]
+    fn parent_id_is_validated_and_absent_from_canonical_json_when_unset() {
+        let plain = Plan::parse(GOOD.as_bytes(), &td()).unwrap();
+        assert!(!plain.canonical_json().contains("parent_id"));
+        let doc = |parent: &str, sel: &str| {
+            format!(
+                "admins = [\"spiffe://sigil.local/a\"]\n[[entries]]\nspiffe_id = \"spiffe://sigil.local/w\"\nparent_id = \"{parent}\"\nselectors = [{sel}]\n[[entries]]\nspiffe_id = \"spiffe://sigil.local/v\"\nparent_id = \"spiffe://sigil.local/agent2\"\nselectors = [{sel}]"
+            )
+        };
+        let ok = Plan::parse(
+            doc(
+                "spiffe://sigil.local/agent",
+                "\"unix:uid:1000\", \"unix:path:/usr/bin/x\"",
+            )
+            .as_bytes(),
+            &td(),
+        )
+        .expect("same selectors under two parents are not ambiguous");
+        assert_eq!(
+            ok.entries[1].parent_id.as_deref(),
+            Some("spiffe://sigil.local/agent")
+        );
+        assert!(ok
+            .canonical_json()
+            .contains("\"parent_id\":\"spiffe://sigil.local/agent\""));
+        assert_eq!(Plan::from_canonical(&ok.canonical_json()).unwrap(), ok);
+        for (parent, sel, want) in [
+            (
+                "spiffe://other.org/agent",
+                "\"unix:uid:1\"",
+                "entries[0].parent_id",
+            ),
+            ("not-an-id", "\"unix:uid:1\"", "entries[0].parent_id"),
+            ("spiffe://sigil.local/agent", "", "at least one selector"),
+            (
+                "spiffe://sigil.local/agent",
+                "\"oidc:gh:sub:x\"",
+                "unix:uid",
+            ),
+            ("spiffe://sigil.local/agent", "\"unix:uid:-1\"", "unix:uid"),
+            ("spiffe://sigil.local/agent", "\"unix:uid:01\"", "unix:uid"),
+            (
+                "spiffe://sigil.local/agent",
+                "\"unix:path:relative\"",
+                "unix:uid",
+            ),
+            ("spiffe://sigil.local/agent", "\"unix:pid:1\"", "unix:uid"),
+        ] {
+            let e = Plan::parse(doc(parent, sel).as_bytes(), &td())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{parent} {sel} -> {e}");
+        }
     }
 }

@@ -1306,14 +1306,24 @@ pub async fn shared_meta(store: &dyn Store) {
     )
     .await;
     let first = outs[0].as_ref().unwrap().clone();
-    assert!(outs.iter().all(|o| o.as_ref().unwrap() == &first), "all agree on one value");
-    assert_eq!(store.fetch_meta("conf/k").await.unwrap(), Some(first.clone()));
+    assert!(
+        outs.iter().all(|o| o.as_ref().unwrap() == &first),
+        "all agree on one value"
+    );
+    assert_eq!(
+        store.fetch_meta("conf/k").await.unwrap(),
+        Some(first.clone())
+    );
     let wins = join_all(
         (0..8u8)
             .map(|i| store.cas_meta("conf/k", &first, vec![100 + i]))
             .collect(),
     )
     .await;
-    assert_eq!(wins.iter().filter(|w| *w.as_ref().unwrap()).count(), 1, "one CAS wins");
+    assert_eq!(
+        wins.iter().filter(|w| *w.as_ref().unwrap()).count(),
+        1,
+        "one CAS wins"
+    );
     assert!(!store.cas_meta("conf/missing", b"x", vec![1]).await.unwrap());
 }

@@ -5,6 +5,7 @@
 
 #[cfg(test)]
 pub mod conformance;
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -570,7 +571,8 @@ pub trait Store: Send + Sync + 'static {
     /// Stores `value` under `key` unless a value exists; returns the stored
     /// value (ours, or the one another replica stored first). Replicas
     /// booting together on an empty store agree on one value.
-    async fn insert_meta_if_absent(&self, key: &str, value: Vec<u8>) -> Result<Vec<u8>, StoreError>;
+    async fn insert_meta_if_absent(&self, key: &str, value: Vec<u8>)
+        -> Result<Vec<u8>, StoreError>;
 
     /// Compare-and-swap: replaces the value of `key` with `new` only if it
     /// currently equals `expected`. Returns whether it did (so exactly one

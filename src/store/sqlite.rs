@@ -527,11 +527,17 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn insert_meta_if_absent(&self, key: &str, value: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+    async fn insert_meta_if_absent(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<Vec<u8>, StoreError> {
         let key = key.to_owned();
         self.job(move |conn, _| {
-            conn.prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING")?
-                .execute(params![key, value])?;
+            conn.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
+            )?
+            .execute(params![key, value])?;
             Ok(conn
                 .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
                 .query_row([&key], |r| r.get::<_, Vec<u8>>(0))?)
@@ -1068,7 +1074,22 @@ impl Writer {
             );
             return;
         }
-        if let Err(e) = self.conn.execute_batch("COMMIT") {
+        let committing = std::time::Instant::now();
+        let commit = self.conn.execute_batch("COMMIT");
+        let m = crate::metrics::global();
+        m.observe(
+            "sigil_store_commit_seconds",
+            &[("backend", "sqlite")],
+            crate::metrics::LATENCY_BUCKETS,
+            committing.elapsed().as_secs_f64(),
+        );
+        m.observe(
+            "sigil_store_batch_size",
+            &[("backend", "sqlite")],
+            crate::metrics::SIZE_BUCKETS,
+            done.len() as f64,
+        );
+        if let Err(e) = commit {
             tracing::error!(error = %e, ops = done.len(), "store batch failed to commit");
             self.fail_batch(done, start_head, "commit failed");
             return;

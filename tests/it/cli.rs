@@ -468,3 +468,120 @@ fn operators_first_five_minutes() {
         .unwrap()
         .contains(secret.trim()));
 }
+
+/// Metrics after a mixed run, and a JSON log that parses line by line,
+/// carries request ids shared with the audit rows, and holds no secret.
+#[test]
+fn metrics_and_json_logs_through_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let log = dir.path().join("serve.log");
+    let child = Command::new(BIN)
+        .args([
+            "serve",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .env("SIGIL_LOG", "debug")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&data.join("metrics.addr"));
+    wait_for(&data.join("admin.sock"));
+    let broker = format!(
+        "https://{}",
+        std::fs::read_to_string(data.join("listen.addr"))
+            .unwrap()
+            .trim()
+    );
+    let d = data.to_str().unwrap();
+    let o = sigil(&[
+        "token",
+        "create",
+        "--data-dir",
+        d,
+        "--spiffe-id",
+        "spiffe://sigil.local/m",
+        "--json",
+    ]);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let token = j["token"].as_str().unwrap().to_owned();
+    let pin = j["ca_pin"].as_str().unwrap().to_owned();
+    let out = dir.path().join("s");
+    for expect in [0, 3] {
+        let o = sigil(&[
+            "enroll",
+            "--broker",
+            &broker,
+            "--token",
+            &token,
+            "--ca-pin",
+            &pin,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(expect), "{}", text(&o));
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    // Scrape.
+    let addr = std::fs::read_to_string(data.join("metrics.addr")).unwrap();
+    let mut s = std::net::TcpStream::connect(addr.trim()).unwrap();
+    std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut s, &mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.0 200 OK"), "{body}");
+    assert!(
+        body.contains("sigil_rpc_requests_total{rpc=\"Enroll\",outcome=\"ok\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("sigil_rpc_requests_total{rpc=\"Enroll\",outcome=\"TOKEN_ALREADY_USED\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("sigil_rpc_duration_seconds_count{rpc=\"Enroll\"} 2"),
+        "{body}"
+    );
+    assert!(
+        body.contains("sigil_store_commit_seconds_count{backend=\"sqlite\"}"),
+        "{body}"
+    );
+    assert!(
+        body.contains("sigil_ca_not_after_seconds{generation=\"1\",state=\"active\"}"),
+        "{body}"
+    );
+    assert!(body.contains("sigil_plan_version 0"), "{body}");
+    // Audit rows carry the request ids found in the log.
+    let o = sigil(&["audit", "list", "--data-dir", d, "--json"]);
+    let rows: Vec<serde_json::Value> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let issued = rows.iter().find(|r| r["kind"] == "issued").unwrap();
+    let rid = issued["fields"]["request_id"]
+        .as_str()
+        .expect("request id in the audit row")
+        .to_owned();
+    stop(child);
+    let text_log = std::fs::read_to_string(&log).unwrap();
+    let mut saw_rid = false;
+    for line in text_log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
+        saw_rid |= line.contains(&rid);
+        assert!(v.get("timestamp").is_some());
+    }
+    assert!(saw_rid, "the request id appears in the log");
+    assert!(
+        !text_log.contains(token.split('.').nth(1).unwrap()),
+        "no token secret in the log"
+    );
+}

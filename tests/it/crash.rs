@@ -237,25 +237,38 @@ fn fresh_request(job: &Job, key: usize) -> pb::EnrollRequest {
     }
 }
 
-/// Sends `req` and classifies the result.
+/// Sends `req` and classifies the result. A `RATE_LIMITED` refusal changes
+/// nothing on the broker, so the same request is sent again after the hint.
 async fn send(c: &mut IdentityClient<Channel>, req: pb::EnrollRequest) -> Outcome {
-    match tokio::time::timeout(RPC_TIMEOUT, c.enroll(req)).await {
-        Err(_) => Outcome::Lost,
-        Ok(Ok(r)) => {
-            let r = r.into_inner();
-            let der = r.x509_svid_chain.first().cloned().expect("a leaf");
-            let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("leaf parses");
-            Outcome::Ok {
-                serial: hex::encode(cert.raw_serial()),
-                retried: r.retried,
-                der,
+    for _ in 0..100 {
+        let s = match tokio::time::timeout(RPC_TIMEOUT, c.enroll(req.clone())).await {
+            Err(_) => return Outcome::Lost,
+            Ok(Ok(r)) => {
+                let r = r.into_inner();
+                let der = r.x509_svid_chain.first().cloned().expect("a leaf");
+                let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("leaf parses");
+                return Outcome::Ok {
+                    serial: hex::encode(cert.raw_serial()),
+                    retried: r.retried,
+                    der,
+                };
             }
+            Ok(Err(s)) => s,
+        };
+        match sigil::api::status::error_info(&s) {
+            None => return Outcome::Lost,
+            Some((reason, md)) if reason == "RATE_LIMITED" => {
+                let wait = md
+                    .get("retry_after_ms")
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(50)
+                    .clamp(1, 1000);
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+            Some((reason, _)) => return Outcome::Refused(reason),
         }
-        Ok(Err(s)) => match sigil::api::status::error_info(&s) {
-            Some((reason, _)) => Outcome::Refused(reason),
-            None => Outcome::Lost,
-        },
     }
+    Outcome::Refused("RATE_LIMITED".into())
 }
 
 /// The script a workload runs for one token: (key, replay_of_step).

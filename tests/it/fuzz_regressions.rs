@@ -129,10 +129,20 @@ fn fuzz_inputs_enroll() {
 fn fuzz_inputs_nitro() {
     let h = targets::NitroHarness::new();
     replay("nitro", |d| h.run(d));
+    let accepted = h.accepted.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        accepted >= 2,
+        "the bound seeds must verify ({accepted} did)"
+    );
 }
 
 #[test]
 fn fuzz_inputs_oidc() {
     let h = targets::OidcHarness::new();
     replay("oidc", |d| h.run(d));
+    let accepted = h.accepted.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        accepted >= 2,
+        "the valid seeds must verify ({accepted} did)"
+    );
 }

@@ -20,9 +20,13 @@ pub struct TestBroker {
 }
 
 impl TestBroker {
+    /// Test defaults: an ephemeral port, and loopback exempt from rate
+    /// limits (every test client is on loopback; the rate-limit tests use
+    /// other addresses through a trusted proxy, or clear the exemption).
     pub fn config(&self) -> Config {
         let mut cfg = Config::with_data_dir(self.dir.path().join("data"));
         cfg.listen = "127.0.0.1:0".parse().unwrap();
+        cfg.rates.exempt = vec![sigil::ratelimit::Cidr::parse("127.0.0.0/8").unwrap()];
         cfg
     }
 

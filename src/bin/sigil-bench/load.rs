@@ -798,7 +798,9 @@ async fn drive(
     let label = format!("{} c={}", mode.scenario(), a.concurrency);
     let progress = (!a.quiet).then_some(label.as_str());
 
-    // Warm-up: also measures the rate that sizes the timed pool.
+    // Warm-up: also measures the rate that sizes the timed pool. A warm-up
+    // that completed fewer than 4 requests per client (a stall, e.g. a
+    // large store's first reads) is repeated, up to 5 rounds.
     let mut est_rate = None;
     if !a.warmup.is_zero() {
         let w = ((4000.0 * a.warmup.as_secs_f64()) as usize).max(a.concurrency * 8);
@@ -806,32 +808,37 @@ async fn drive(
             Some(r) => w.min((r * a.warmup.as_secs_f64()) as usize + a.concurrency),
             None => w,
         };
-        let pool = prepare(w, &admins, &trust_domain, mode, a.quiet).await?;
-        let out = run_phase(
-            &ctx,
-            pool,
-            &channels,
-            a.concurrency,
-            Some(a.warmup),
-            a.rate,
-            None,
-            None,
-        )
-        .await?;
-        let ok = out.recs.iter().filter(|r| r.ok).count();
-        est_rate = Some(ok as f64 / out.elapsed.as_secs_f64().max(1e-3));
-        if !a.quiet {
-            eprintln!(
-                "warm-up: {} ok in {:.2} s ({:.0}/s){}",
-                thousands(ok as u64),
-                out.elapsed.as_secs_f64(),
-                est_rate.unwrap_or(0.0),
-                if out.errors.is_empty() {
-                    String::new()
-                } else {
-                    format!(", errors {:?}", out.errors)
-                }
-            );
+        for round in 1..=5 {
+            let pool = prepare(w, &admins, &trust_domain, mode, a.quiet).await?;
+            let out = run_phase(
+                &ctx,
+                pool,
+                &channels,
+                a.concurrency,
+                Some(a.warmup),
+                a.rate,
+                None,
+                None,
+            )
+            .await?;
+            let ok = out.recs.iter().filter(|r| r.ok).count();
+            est_rate = Some(ok as f64 / out.elapsed.as_secs_f64().max(1e-3));
+            if !a.quiet {
+                eprintln!(
+                    "warm-up {round}: {} ok in {:.2} s ({:.0}/s){}",
+                    thousands(ok as u64),
+                    out.elapsed.as_secs_f64(),
+                    est_rate.unwrap_or(0.0),
+                    if out.errors.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", errors {:?}", out.errors)
+                    }
+                );
+            }
+            if ok >= 4 * a.concurrency || a.rate.is_some() {
+                break;
+            }
         }
     }
     let duration = if a.requests.is_some() {

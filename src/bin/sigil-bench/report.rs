@@ -75,14 +75,25 @@ fn errors_of(run: &Value) -> u64 {
 }
 
 fn errors_cell(run: &Value) -> String {
-    match run.get("errors").and_then(Value::as_object) {
+    let mut cell = match run.get("errors").and_then(Value::as_object) {
         Some(m) if !m.is_empty() => m
             .iter()
             .map(|(k, v)| format!("{k}: {}", v.as_u64().unwrap_or(0)))
             .collect::<Vec<_>>()
             .join(", "),
         _ => "0".into(),
+    };
+    if run
+        .get("stopped_early_pool_exhausted")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+    {
+        cell.push_str(&format!(
+            " ⚠ token pool ran out after {} s",
+            f2(num(run, &["duration_s"]))
+        ));
     }
+    cell
 }
 
 /// "broker 1.52 + load gen 0.41 + others 0.03 of 2 cores".

@@ -43,7 +43,9 @@ pub fn percentile(sorted: &[u32], p: f64) -> u32 {
     if sorted.is_empty() {
         return 0;
     }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    // The epsilon keeps float noise (99.9 % of 1000 = 999.000…01) from
+    // bumping the rank by one.
+    let rank = (p / 100.0 * sorted.len() as f64 - 1e-9).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Runs CMD with a throwaway PostgreSQL server and SIGIL_TEST_POSTGRES_URL
+# pointing at it, e.g.
+#
+#   scripts/with-postgres.sh cargo test --lib store::postgres
+#
+# Uses the PostgreSQL server binaries found on PATH or under
+# /usr/lib/postgresql/*/bin; when there are none, installs Debian's
+# `postgresql` package (needs root). The cluster lives in a new temporary
+# directory owned by the `postgres` user when run as root (initdb and the
+# server refuse to run as root), listens on 127.0.0.1 only, on a free port,
+# with trust authentication, and is stopped and deleted on exit, whatever
+# CMD does. It is a test cluster: fsync is off.
+#
+# Exports SIGIL_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:PORT/postgres
+# (and PGHOST/PGPORT/PGUSER, so psql works inside CMD).
+# Exit status: CMD's, or 1 if the server could not be started.
+set -euo pipefail
+
+if [[ $# -eq 0 ]]; then
+    echo "usage: $0 CMD [ARGS...]" >&2
+    exit 2
+fi
+
+log() { echo "with-postgres: $*" >&2; }
+
+# runuser and useradd live in sbin, which a non-login PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
+
+# The directory holding initdb, pg_ctl and postgres, or nothing.
+find_bindir() {
+    local pg_ctl dir
+    if pg_ctl="$(command -v pg_ctl 2>/dev/null)"; then
+        dir="$(dirname "$(readlink -f "$pg_ctl")")"
+        if [[ -x "$dir/initdb" && -x "$dir/postgres" ]]; then
+            echo "$dir"
+            return
+        fi
+    fi
+    # Newest version first.
+    for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k5 -V -r); do
+        if [[ -x "$dir/pg_ctl" && -x "$dir/initdb" && -x "$dir/postgres" ]]; then
+            echo "$dir"
+            return
+        fi
+    done
+}
+
+bindir="$(find_bindir)"
+if [[ -z "$bindir" ]]; then
+    if [[ $EUID -ne 0 ]]; then
+        log "no PostgreSQL server binaries found; install Debian's postgresql package (as root)"
+        exit 1
+    fi
+    log "installing Debian's postgresql package"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq postgresql >&2
+    bindir="$(find_bindir)"
+    if [[ -z "$bindir" ]]; then
+        log "postgresql installed but no server binaries found"
+        exit 1
+    fi
+fi
+
+# As root, the server runs as `postgres` (created by the package; created
+# here if the binaries came without it).
+if [[ $EUID -eq 0 ]]; then
+    if ! id -u postgres >/dev/null 2>&1; then
+        useradd --system --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin postgres
+    fi
+    run_pg() { (cd "$tmp" && runuser -u postgres -- "$@"); }
+else
+    run_pg() { (cd "$tmp" && "$@"); }
+fi
+
+tmp="$(mktemp -d "${TMPDIR:-/tmp}/sigil-pg.XXXXXX")"
+chmod 700 "$tmp"
+[[ $EUID -eq 0 ]] && chown postgres: "$tmp"
+data="$tmp/data"
+started=0
+
+cleanup() {
+    local status=$?
+    if [[ $started -eq 1 ]]; then
+        run_pg "$bindir/pg_ctl" -D "$data" -m immediate -w stop >/dev/null 2>&1 || true
+    fi
+    rm -rf "$tmp"
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+run_pg "$bindir/initdb" -D "$data" -U postgres -A trust -E UTF8 --locale=C --no-sync >"$tmp/initdb.log" 2>&1 || {
+    cat "$tmp/initdb.log" >&2
+    log "initdb failed"
+    exit 1
+}
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Pick a free port; if another process takes it first, the start fails and
+# the next candidate is tried.
+for _ in $(seq 1 20); do
+    port=$((20000 + RANDOM % 40000))
+    port_in_use "$port" && continue
+    if run_pg "$bindir/pg_ctl" -D "$data" -l "$tmp/server.log" -w -t 60 -o "\
+            -c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$tmp \
+            -c max_connections=300 -c fsync=off -c synchronous_commit=off \
+            -c full_page_writes=off" start >/dev/null; then
+        started=1
+        break
+    fi
+done
+if [[ $started -ne 1 ]]; then
+    tail -n 30 "$tmp/server.log" >&2 || true
+    log "could not start PostgreSQL"
+    exit 1
+fi
+log "PostgreSQL $("$bindir/postgres" --version | awk '{print $3}') on 127.0.0.1:$port"
+
+export SIGIL_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$port/postgres"
+export PGHOST=127.0.0.1 PGPORT="$port" PGUSER=postgres
+
+set +e
+"$@"
+status=$?
+set -e
+exit "$status"
