@@ -53,6 +53,8 @@ pub struct FileConfig {
     pub trusted_proxies: Option<Vec<String>>,
     /// Rate limits.
     pub rate_limits: Option<RateLimitsFile>,
+    /// Key-encryption key file (PostgreSQL).
+    pub kek_file: Option<PathBuf>,
 }
 
 /// `[rate_limits]` in the config file. Rates are per second per peer.
@@ -245,6 +247,13 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// A TLS handshake must complete within this time (slow clients are cut off).
     pub handshake_timeout: std::time::Duration,
+    /// `postgres://…` for replicas on one PostgreSQL; `None` = embedded SQLite.
+    /// Never logged (it may hold a password).
+    pub store_url: Option<String>,
+    /// Key-encryption key file (base64 of 32 bytes, 0600); required with PostgreSQL.
+    pub kek_file: Option<PathBuf>,
+    /// Key-encryption key from `SIGIL_KEK` (base64).
+    pub kek_env: Option<String>,
 }
 
 impl std::fmt::Display for Config {
@@ -290,6 +299,9 @@ impl Config {
             trusted_proxies: Vec::new(),
             metrics_listen: None,
             handshake_timeout: std::time::Duration::from_secs(10),
+            store_url: None,
+            kek_file: None,
+            kek_env: None,
         }
     }
 }

@@ -204,7 +204,47 @@ fn token_key_from(s: Secret, what: &str) -> anyhow::Result<TokenKey> {
 /// domain, a busy port or socket.
 pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
     prepare_data_dir(&cfg.data_dir)?;
-    let token_key = load_token_key(&cfg)?;
+    // The store first: with PostgreSQL, key material is shared through it.
+    let (store, kek): (Arc<dyn Store>, Option<Arc<crate::keysync::Kek>>) = match &cfg.store_url {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            let kek = crate::keysync::load_kek(cfg.kek_file.as_ref(), cfg.kek_env.as_deref())?
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "PostgreSQL needs a key-encryption key to seal the shared key material: \
+                         set SIGIL_KEK (base64 of 32 random bytes, e.g. `openssl rand -base64 32`) \
+                         or --kek-file FILE (0600)"
+                    )
+                })?;
+            let pg = crate::store::postgres::PostgresStore::connect(
+                url,
+                crate::store::postgres::PostgresOptions::default(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("open PostgreSQL store: {e}"))?;
+            (Arc::new(pg), Some(Arc::new(kek)))
+        }
+        Some(_) => bail!("--store must be a postgres:// URL (or empty for the embedded SQLite)"),
+        None => (
+            Arc::new(
+                SqliteStore::open(
+                    &cfg.data_dir.join("sigil.db"),
+                    SqliteOptions {
+                        group_commit: cfg.group_commit,
+                        ..SqliteOptions::default()
+                    },
+                )
+                .context("open store")?,
+            ),
+            None,
+        ),
+    };
+    if let Some(k) = &kek {
+        crate::keysync::pull(store.as_ref(), k, &cfg.data_dir)
+            .await
+            .context("pull shared key material")?;
+    }
+    let mut token_key = load_token_key(&cfg)?;
+    let mut secrets = load_bootstrap_secret(&cfg)?;
     let (authority, created) = Authority::load_or_create(
         &cfg.data_dir,
         &cfg.trust_domain,
@@ -212,26 +252,27 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         RingOptions::default(),
     )
     .context("load CA")?;
-    if created {
+    if let Some(k) = &kek {
+        // Publish what this replica generated; adopt whatever another
+        // replica published first.
+        if crate::keysync::push(store.as_ref(), k, &cfg.data_dir)
+            .await
+            .context("publish shared key material")?
+        {
+            token_key = load_token_key(&cfg)?;
+            secrets = load_bootstrap_secret(&cfg)?;
+            authority.reload(clock.now_ms()).context("reload CA")?;
+        }
+    } else if created {
         tracing::info!(ca_pin = authority.active().ca_pin(), "generated a new CA");
     }
     let authority = Arc::new(authority);
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(
-            &cfg.data_dir.join("sigil.db"),
-            SqliteOptions {
-                group_commit: cfg.group_commit,
-                ..SqliteOptions::default()
-            },
-        )
-        .context("open store")?,
-    );
     let mut bcfg = BrokerConfig::new(cfg.trust_domain.clone());
     bcfg.window_secs = cfg.window_secs;
     bcfg.x509_ttl_secs = cfg.x509_ttl_secs;
     bcfg.jwt_ttl_secs = cfg.jwt_ttl_secs;
     bcfg.rates = cfg.rates.clone();
-    let (bootstrap, bootstrap_source) = load_bootstrap_secret(&cfg)?;
+    let (bootstrap, bootstrap_source) = secrets;
     let broker = Arc::new(
         Broker::new(
             bcfg,
@@ -357,6 +398,16 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         }
     });
 
+    if let Some(k) = kek.clone() {
+        spawn_replica_sync(
+            broker.clone(),
+            store.clone(),
+            k,
+            cfg.data_dir.clone(),
+            stop_rx.clone(),
+        );
+    }
+
     let metrics_addr = match cfg.metrics_listen {
         Some(a) => {
             let bound = spawn_metrics(a, broker.clone(), stop_rx.clone()).await?;
@@ -392,7 +443,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         trust_domain = %cfg.trust_domain,
         listen = %addr,
         admin_socket = %cfg.admin_socket.display(),
-        store = "sqlite",
+        store = if cfg.store_url.is_some() { "postgres" } else { "sqlite" },
         attestation = ?broker.attestation_formats(),
         plan_version = broker.active_plan().map_or(0, |p| p.version),
         ca_pin = %broker.ca_pin(),
@@ -407,6 +458,71 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         stop,
         task,
     })
+}
+
+/// Replica coordination (PostgreSQL): applies other replicas' changes as
+/// soon as the store announces them (LISTEN/NOTIFY), publishes this
+/// replica's key rotations (exactly one wins; the others adopt it), and
+/// resyncs every few seconds as a safety net.
+fn spawn_replica_sync(
+    broker: Arc<Broker>,
+    store: Arc<dyn Store>,
+    kek: Arc<crate::keysync::Kek>,
+    dir: PathBuf,
+    mut stop: watch::Receiver<bool>,
+) {
+    use crate::store::StoreEvent;
+    let mut events = store.subscribe();
+    let mut bundle = broker.watch_bundle();
+    tokio::spawn(async move {
+        let mut resync = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                ev = events.recv() => {
+                    match ev {
+                        Ok(StoreEvent::Revocation) => {
+                            let _ = broker.reload_revocations().await;
+                            let _ = broker.refresh_crls().await;
+                        }
+                        Ok(StoreEvent::Plan) => {
+                            let _ = broker.reload_plan().await;
+                        }
+                        Ok(StoreEvent::Keys) => {
+                            if crate::keysync::pull(store.as_ref(), &kek, &dir).await.is_ok() {
+                                broker.reload_authority().await;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            let _ = broker.reload_plan().await;
+                            let _ = broker.reload_revocations().await;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                changed = bundle.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    // A local rotation: publish it, or adopt the winner's.
+                    match crate::keysync::push(store.as_ref(), &kek, &dir).await {
+                        Ok(true) => {
+                            broker.reload_authority().await;
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(error = %e, "publishing key material failed"),
+                    }
+                }
+                _ = resync.tick() => {
+                    if crate::keysync::pull(store.as_ref(), &kek, &dir).await.is_ok() {
+                        broker.reload_authority().await;
+                    }
+                    let _ = broker.reload_plan().await;
+                    let _ = broker.reload_revocations().await;
+                }
+                _ = stop.changed() => break,
+            }
+        }
+    });
 }
 
 /// Serves `GET /metrics` (Prometheus text) on `addr` until stopped. A

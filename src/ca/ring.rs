@@ -534,6 +534,28 @@ impl Authority {
         })
     }
 
+    /// Re-reads the manifest and generations from disk (another replica's
+    /// rotation was pulled into the data dir). Returns whether the view changed.
+    ///
+    /// # Errors
+    /// Unreadable manifest or key material (the old view stays).
+    pub fn reload(&self, now_ms: i64) -> Result<bool, CaError> {
+        let _w = self.write.lock().unwrap_or_else(PoisonError::into_inner);
+        let path = self.dir.join("ring.json");
+        let bytes = fs::read(&path).map_err(io_err(&path))?;
+        let m: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| CaError::Certificate(format!("{}: {e}", path.display())))?;
+        let current = self.view();
+        if current.manifest.sequence == m.sequence
+            && serde_json::to_vec(&current.manifest).ok() == serde_json::to_vec(&m).ok()
+        {
+            return Ok(false);
+        }
+        let view = self.build_view(&m, now_ms)?;
+        *self.view.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(view);
+        Ok(true)
+    }
+
     /// Prepares (publishes) the next generation now without activating it.
     /// Returns its id (the existing one if already prepared).
     ///

@@ -52,6 +52,14 @@ pub struct ServeArgs {
     /// generated into <data-dir>/bootstrap_secret.
     #[arg(long, env = "SIGIL_BOOTSTRAP_SECRET_FILE")]
     pub bootstrap_secret_file: Option<PathBuf>,
+    /// Store: `postgres://USER@HOST/DB` for several replicas on one
+    /// PostgreSQL [default: embedded SQLite in the data dir].
+    #[arg(long, env = "SIGIL_STORE", hide_env_values = true)]
+    pub store: Option<String>,
+    /// Key-encryption key file (base64 of 32 bytes, 0600) sealing shared key
+    /// material in PostgreSQL; or SIGIL_KEK.
+    #[arg(long, env = "SIGIL_KEK_FILE")]
+    pub kek_file: Option<PathBuf>,
     /// Prometheus metrics listener, e.g. 127.0.0.1:9090 (off by default).
     #[arg(long, env = "SIGIL_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -139,6 +147,9 @@ impl ServeArgs {
             cfg.rates.exempt.push(crate::ratelimit::Cidr::parse(c)?);
         }
         cfg.rates.disabled |= self.no_rate_limits;
+        cfg.store_url = self.store.filter(|s| !s.is_empty() && s != "sqlite");
+        cfg.kek_file = self.kek_file.or(file.kek_file.clone());
+        cfg.kek_env = std::env::var("SIGIL_KEK").ok();
         let proxies = if self.trusted_proxies.is_empty() {
             file.trusted_proxies.clone().unwrap_or_default()
         } else {

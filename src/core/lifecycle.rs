@@ -547,6 +547,22 @@ impl Broker {
         })
     }
 
+    /// Re-reads the key ring from disk (after another replica rotated) and
+    /// announces the change. Returns whether the bundle changed.
+    pub async fn reload_authority(&self) -> bool {
+        match self.authority.reload(self.clock.now_ms()) {
+            Ok(true) => {
+                self.bundle_changed().await;
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                tracing::error!(error = %e, "reloading the key ring failed");
+                false
+            }
+        }
+    }
+
     async fn bundle_changed(&self) {
         let seq = self.authority.view().sequence;
         self.bundle_tx.send_replace(seq);

@@ -1880,7 +1880,14 @@ mod tests {
                         "{URL_VAR} is unset in CI: run the tests under scripts/with-postgres.sh"
                     );
                 }
-                eprintln!("SKIPPED: postgres store tests (set {URL_VAR})");
+                // Once per run, on the real stderr: libtest captures
+                // `eprintln!` of passing tests.
+                static SKIPPED: std::sync::Once = std::sync::Once::new();
+                SKIPPED.call_once(|| {
+                    use std::io::Write as _;
+                    let line = format!("SKIPPED: postgres store tests (set {URL_VAR})\n");
+                    drop(std::io::stderr().write_all(line.as_bytes()));
+                });
                 return None;
             };
             let admin_config: Config = url.parse().expect("valid SIGIL_TEST_POSTGRES_URL");
@@ -2391,7 +2398,7 @@ mod tests {
         assert_eq!(n, 1);
         // No connection of the store is left open (backends exit shortly
         // after their client hangs up).
-        let mut open = -1;
+        let mut open: i64 = -1;
         for _ in 0..50 {
             open = client
                 .query_one(

@@ -164,7 +164,10 @@ async fn spiffe_client_fetches_and_validates_x509_bundles_and_jwt() {
     let a = start_agent(&b, dir.path(), &clock, true, |_| {}).await;
     let st = ready(&a).await;
     assert_eq!(st.spiffe_id.as_deref(), Some(AGENT_ID));
-    assert!(!dir.path().join("token").exists(), "token file deleted after use");
+    assert!(
+        !dir.path().join("token").exists(),
+        "token file deleted after use"
+    );
     let private = dir.path().join("agent/private");
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&private), 0o700);
@@ -249,10 +252,7 @@ async fn spiffe_client_fetches_and_validates_x509_bundles_and_jwt() {
     assert!(v.claims.unwrap().fields.contains_key("exp"));
 
     // Without the security header: InvalidArgument, on every RPC.
-    let e = r
-        .fetch_x509svid(wpb::X509svidRequest {})
-        .await
-        .unwrap_err();
+    let e = r.fetch_x509svid(wpb::X509svidRequest {}).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     let e = r
         .fetch_jwtsvid(wpb::JwtsvidRequest {
@@ -290,7 +290,10 @@ async fn spiffe_client_fetches_and_validates_x509_bundles_and_jwt() {
 #[tokio::test]
 async fn plan_entries_pick_identities_by_caller_and_others_are_denied() {
     let b = TestBroker::start().await;
-    let me = vec![format!("unix:uid:{}", own_uid()), format!("unix:path:{}", exe())];
+    let me = vec![
+        format!("unix:uid:{}", own_uid()),
+        format!("unix:path:{}", exe()),
+    ];
     let plan = |with_web: bool| {
         let mut p = PLAN_HEAD.to_owned();
         if with_web {
@@ -351,12 +354,16 @@ async fn plan_entries_pick_identities_by_caller_and_others_are_denied() {
         .into_inner()
         .events;
     assert!(rows.iter().any(|e| e.kind == "issued"
-        && e.fields_json.contains("\"delegated_by\":\"spiffe://sigil.local/node/agent1\"")
+        && e.fields_json
+            .contains("\"delegated_by\":\"spiffe://sigil.local/node/agent1\"")
         && e.fields_json.contains("app/web")));
 
     // The entry leaves the plan: the caller now matches nothing.
     apply_plan(&b, plan(false)).await;
-    eventually("entries synced", || (a.status().entries == Some(1)).then_some(())).await;
+    eventually("entries synced", || {
+        (a.status().entries == Some(1)).then_some(())
+    })
+    .await;
     let e = r
         .fetch_x509svid(req(wpb::X509svidRequest {}))
         .await
@@ -368,7 +375,10 @@ async fn plan_entries_pick_identities_by_caller_and_others_are_denied() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     let e = c.fetch_x509_svid().await.unwrap_err();
-    assert!(matches!(e, spiffe::WorkloadApiError::NoIdentityIssued), "{e:?}");
+    assert!(
+        matches!(e, spiffe::WorkloadApiError::NoIdentityIssued),
+        "{e:?}"
+    );
     a.shutdown().await.unwrap();
 }
 
@@ -388,14 +398,20 @@ fn mint(id: &str, selectors: &[&str]) -> pb::MintDelegatedRequest {
 async fn only_the_parent_agent_gets_delegated_svids() {
     let b = TestBroker::start().await;
     let mut p = PLAN_HEAD.to_owned();
-    p += &entry("spiffe://sigil.local/app/web", AGENT_ID, &["unix:uid:1000".into()]);
+    p += &entry(
+        "spiffe://sigil.local/app/web",
+        AGENT_ID,
+        &["unix:uid:1000".into()],
+    );
     p += &entry(
         "spiffe://sigil.local/app/other",
         "spiffe://sigil.local/node/agent2",
         &["unix:uid:1000".into()],
     );
     apply_plan(&b, p).await;
-    let agent1 = b.enroll_with_token(&b.token(AGENT_ID, 1, 600).await.0).await;
+    let agent1 = b
+        .enroll_with_token(&b.token(AGENT_ID, 1, 600).await.0)
+        .await;
     let agent2 = b
         .enroll_with_token(&b.token("spiffe://sigil.local/node/agent2", 1, 600).await.0)
         .await;
@@ -414,7 +430,10 @@ async fn only_the_parent_agent_gets_delegated_svids() {
     assert_eq!(entries.entries[0].selectors, vec!["unix:uid:1000"]);
 
     let ok = d1
-        .mint_delegated(mint("spiffe://sigil.local/app/web", &["unix:uid:1000", "unix:gid:5"]))
+        .mint_delegated(mint(
+            "spiffe://sigil.local/app/web",
+            &["unix:uid:1000", "unix:gid:5"],
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -514,9 +533,7 @@ async fn only_the_parent_agent_gets_delegated_svids() {
 
 // === renewal and the broker going away ===
 
-async fn next_svids(
-    s: &mut tonic::Streaming<wpb::X509svidResponse>,
-) -> Vec<(String, String, i64)> {
+async fn next_svids(s: &mut tonic::Streaming<wpb::X509svidResponse>) -> Vec<(String, String, i64)> {
     let m = tokio::time::timeout(Duration::from_secs(20), s.message())
         .await
         .expect("a push within 20 s")
@@ -554,7 +571,10 @@ async fn renewals_are_pushed_on_the_stream_before_expiry() {
     let second = next_svids(&mut stream).await;
     assert_eq!(second[0].0, AGENT_ID);
     assert_ne!(second[0].1, first[0].1, "a new certificate");
-    assert!(first[0].2 > clock.now_ms(), "pushed before the old one expired");
+    assert!(
+        first[0].2 > clock.now_ms(),
+        "pushed before the old one expired"
+    );
 
     // A workload entry for this caller appears: pushed too.
     clock.set_ms(SystemClock.now_ms());
@@ -632,12 +652,18 @@ async fn broker_down_agent_keeps_serving_then_recovers() {
     // The broker goes away; the agent's SVID passes half-life.
     b.running.take().unwrap().shutdown().await.unwrap();
     clock.advance_ms(31 * MIN);
-    eventually("renewal failures", || (a.status().health.failures >= 2).then_some(())).await;
+    eventually("renewal failures", || {
+        (a.status().health.failures >= 2).then_some(())
+    })
+    .await;
     let h = a.status().health;
     assert!(h.last_error.unwrap().contains("unreachable"));
     // Still serving the still-valid SVID.
     let during = c.fetch_x509_svid().await.unwrap();
-    assert_eq!(during.cert_chain()[0].as_bytes(), before.cert_chain()[0].as_bytes());
+    assert_eq!(
+        during.cert_chain()[0].as_bytes(),
+        before.cert_chain()[0].as_bytes()
+    );
     assert_eq!(a.status().serial, st.serial);
     // A JWT needs the broker: Unavailable (clients retry).
     let mut r = raw(&a).await;
@@ -670,7 +696,10 @@ async fn broker_down_agent_keeps_serving_then_recovers() {
     );
     let text = logs.text();
     assert!(text.contains("broker call failed"), "logged the outage");
-    assert!(text.contains("broker reachable again"), "logged the recovery");
+    assert!(
+        text.contains("broker reachable again"),
+        "logged the recovery"
+    );
     // Trace-level logs never carry the agent's key.
     let key = std::fs::read_to_string(dir.path().join("agent/private/svid.key")).unwrap();
     for line in key.lines().filter(|l| !l.starts_with("-----")) {
@@ -720,7 +749,8 @@ async fn peer_process_helper() {
         .iter()
         .map(|c| rustls::pki_types::CertificateDer::from(c.as_bytes().to_vec()))
         .collect();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(svid.private_key().as_bytes().to_vec().into());
+    let key =
+        rustls::pki_types::PrivateKeyDer::Pkcs8(svid.private_key().as_bytes().to_vec().into());
     let verifier = Arc::new(SpiffeVerifier::new(&roots, &expect));
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let me = svid.spiffe_id().to_string();
@@ -766,7 +796,9 @@ async fn peer_process_helper() {
             assert!(t.elapsed() < Duration::from_secs(30), "no server port");
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
         let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
             .connect("peer.invalid".try_into().unwrap(), tcp)
             .await
@@ -855,7 +887,9 @@ impl rustls::server::danger::ClientCertVerifier for SpiffeVerifier {
         intermediates: &[rustls::pki_types::CertificateDer<'_>],
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        let ok = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let ok = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         self.check_id(end_entity)?;
         Ok(ok)
     }
@@ -889,7 +923,8 @@ impl rustls::client::danger::ServerCertVerifier for SpiffeVerifier {
         _ocsp: &[u8],
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         self.check_id(end_entity)?;
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
@@ -966,7 +1001,13 @@ async fn two_processes_get_mtls_from_the_agent() {
     let port_file = dir.path().join("port");
     let spawn = |alias: &Alias, role: &str, expect: &str| {
         Command::new(&alias.0)
-            .args(["--exact", "agent::peer_process_helper", "--nocapture", "--test-threads", "1"])
+            .args([
+                "--exact",
+                "agent::peer_process_helper",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
             .env("SIGIL_AGENT_PEER_ROLE", role)
             .env("SIGIL_AGENT_PEER_EXPECT", expect)
             .env("SIGIL_AGENT_PEER_PORT_FILE", &port_file)
@@ -1004,27 +1045,35 @@ async fn two_processes_get_mtls_from_the_agent() {
 
 const BIN: &str = env!("CARGO_BIN_EXE_sigil");
 
-fn wait_file(p: &Path, child: &mut std::process::Child, log: &Path) {
+/// The end of a log file (for failure messages).
+fn tail(log: &Path) -> String {
+    let t = std::fs::read_to_string(log).unwrap_or_default();
+    let start = t.len().saturating_sub(6000);
+    t.get(start..).unwrap_or(&t).to_owned()
+}
+
+/// Waits (without blocking the runtime the in-process broker runs on).
+async fn wait_file(p: &Path, child: &mut std::process::Child, log: &Path) {
     let t = Instant::now();
     while !p.exists() {
         if let Some(st) = child.try_wait().unwrap() {
             panic!(
                 "agent exited with {st} before {}:\n{}",
                 p.display(),
-                std::fs::read_to_string(log).unwrap_or_default()
+                tail(log)
             );
         }
         assert!(
             t.elapsed() < Duration::from_secs(30),
             "{} never appeared:\n{}",
             p.display(),
-            std::fs::read_to_string(log).unwrap_or_default()
+            tail(log)
         );
-        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-fn term(mut child: std::process::Child) {
+async fn term(mut child: std::process::Child) {
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -1035,8 +1084,11 @@ fn term(mut child: std::process::Child) {
             assert!(st.success(), "agent exited with {st}");
             return;
         }
-        assert!(t.elapsed() < Duration::from_secs(15), "agent ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "agent ignored SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -1076,9 +1128,13 @@ async fn the_binary_enrolls_writes_files_serves_and_reuses_its_svid() {
     };
     let log1 = dir.path().join("agent1.log");
     let out1 = dir.path().join("agent1.out");
-    let mut child = run(&["--token-file", token_file.to_str().unwrap()], &log1, &out1);
-    wait_file(&out.join("jwt"), &mut child, &log1);
-    wait_file(&dir.path().join("hook.log"), &mut child, &log1);
+    let mut child = run(
+        &["--token-file", token_file.to_str().unwrap()],
+        &log1,
+        &out1,
+    );
+    wait_file(&out.join("jwt"), &mut child, &log1).await;
+    wait_file(&dir.path().join("hook.log"), &mut child, &log1).await;
     assert!(!token_file.exists(), "token file deleted after use");
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&data.join("private")), 0o700);
@@ -1090,7 +1146,9 @@ async fn the_binary_enrolls_writes_files_serves_and_reuses_its_svid() {
     let socket = std::path::absolute(data.join("public/api.sock")).unwrap();
     let line = format!("SPIFFE_ENDPOINT_SOCKET=unix://{}", socket.display());
     assert!(stdout.contains(&line), "{stdout}");
-    let endpoint = line.trim_start_matches("SPIFFE_ENDPOINT_SOCKET=").to_owned();
+    let endpoint = line
+        .trim_start_matches("SPIFFE_ENDPOINT_SOCKET=")
+        .to_owned();
     let c = WorkloadApiClient::connect_to(&endpoint).await.unwrap();
     let fetch = || async {
         let t = Instant::now();
@@ -1108,19 +1166,23 @@ async fn the_binary_enrolls_writes_files_serves_and_reuses_its_svid() {
     let svid = fetch().await;
     assert_eq!(svid.spiffe_id().to_string(), AGENT_ID);
     let file_leaf = sigil::cli::pem_certs(&std::fs::read_to_string(out.join("svid.pem")).unwrap());
-    assert_eq!(file_leaf[0], svid.cert_chain()[0].as_bytes(), "files match the socket");
+    assert_eq!(
+        file_leaf[0],
+        svid.cert_chain()[0].as_bytes(),
+        "files match the socket"
+    );
     let bundle = sigil::cli::pem_certs(&std::fs::read_to_string(out.join("bundle.pem")).unwrap());
     assert!(verifies_against(&file_leaf[0], &bundle));
     let file_jwt = std::fs::read_to_string(out.join("jwt")).unwrap();
     b.running().broker.validate_jwt(&file_jwt, AUD).unwrap();
-    term(child);
+    term(child).await;
     assert!(!socket.exists(), "socket removed on exit");
 
     // Restart without any credential: the saved SVID is reused.
     let log2 = dir.path().join("agent2.log");
     let out2 = dir.path().join("agent2.out");
     let mut child = run(&[], &log2, &out2);
-    wait_file(&socket, &mut child, &log2);
+    wait_file(&socket, &mut child, &log2).await;
     let c = WorkloadApiClient::connect_to(&endpoint).await.unwrap();
     let again = {
         let t = Instant::now();
@@ -1134,8 +1196,11 @@ async fn the_binary_enrolls_writes_files_serves_and_reuses_its_svid() {
             }
         }
     };
-    assert_eq!(again.cert_chain()[0].as_bytes(), svid.cert_chain()[0].as_bytes());
-    term(child);
+    assert_eq!(
+        again.cert_chain()[0].as_bytes(),
+        svid.cert_chain()[0].as_bytes()
+    );
+    term(child).await;
 
     // Trace-level logs of both runs: no key, token secret or JWT.
     let mut logs = String::new();

@@ -286,8 +286,8 @@ fn script(job: usize) -> &'static [(usize, Option<usize>)] {
     }
 }
 
-/// Jobs whose script finished, with their first request (for replays).
-type Done = Arc<Mutex<Vec<(Arc<Job>, pb::EnrollRequest)>>>;
+/// Jobs whose script finished, with their first request and its key (for replays).
+type Done = Arc<Mutex<Vec<(Arc<Job>, usize, pb::EnrollRequest)>>>;
 
 /// One client task: runs the script of each job it takes from the queue,
 /// then keeps retrying and replaying finished jobs until the broker dies
@@ -327,7 +327,10 @@ async fn client(
                 return; // The broker is gone.
             }
         }
-        done.lock().unwrap().push((job.clone(), sent[0].clone()));
+        let first_key = script(job.idx)[0].0;
+        done.lock()
+            .unwrap()
+            .push((job.clone(), first_key, sent[0].clone()));
     }
     // Filler load until the kill: same-key retries and exact replays.
     let t = Instant::now();
@@ -341,18 +344,18 @@ async fn client(
                 Some(d[rand::rng().random_range(0..d.len())].clone())
             }
         };
-        let Some((job, first)) = pick else {
+        let Some((job, first_key, first)) = pick else {
             tokio::time::sleep(Duration::from_millis(5)).await;
             continue;
         };
         n += 1;
-        let req = if n % 2 == 0 {
-            first
+        let (key, req) = if n % 2 == 0 {
+            (first_key, first)
         } else {
-            fresh_request(&job, 0)
+            (0, fresh_request(&job, 0))
         };
         let outcome = send(&mut c, req.clone()).await;
-        if record(&job, 0, req, outcome) {
+        if record(&job, key, req, outcome) {
             return;
         }
     }

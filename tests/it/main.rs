@@ -10,3 +10,4 @@ mod hardening;
 mod harness;
 mod lifecycle;
 mod plans;
+mod replicas;
