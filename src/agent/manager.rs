@@ -44,8 +44,6 @@ pub enum ServeError {
     Denied(String),
     /// Not now: no SVID yet, or the broker is needed and unreachable.
     Unavailable(String),
-    /// The request itself is wrong.
-    Invalid(String),
 }
 
 /// One identity a caller gets.
@@ -218,7 +216,14 @@ impl Shared {
         let mut h = lock(&self.health);
         h.failures = h.failures.saturating_add(1);
         h.last_error = Some(format!("{what}: {e}"));
-        tracing::warn!(what, error = %e, failures = h.failures, "broker call failed; will retry (still serving what is valid)");
+        match e {
+            UpstreamError::Local(_) => {
+                tracing::warn!(what, error = %e, failures = h.failures, "agent error; will retry (still serving what is valid)");
+            }
+            _ => {
+                tracing::warn!(what, error = %e, failures = h.failures, "broker call failed; will retry (still serving what is valid)");
+            }
+        }
     }
 
     fn recovered(&self) {

@@ -90,7 +90,6 @@ impl From<ServeError> for Status {
         match e {
             ServeError::Denied(m) => Status::permission_denied(m),
             ServeError::Unavailable(m) => Status::unavailable(m),
-            ServeError::Invalid(m) => Status::invalid_argument(m),
         }
     }
 }

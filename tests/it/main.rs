@@ -4,6 +4,7 @@ mod agent;
 mod attest;
 mod cli;
 mod crash;
+mod deploy;
 mod enroll;
 mod fuzz_regressions;
 mod hardening;
