@@ -83,7 +83,9 @@ run store-prefill.json enroll-token -c 64 -d "$DUR" --prefill "$PREFILL"
 
 log "real binary as a separate process: loaded RSS"
 D=$(mktemp -d)
-"$SIGIL" serve --data-dir "$D/data" --listen 127.0.0.1:0 >/dev/null 2>&1 &
+# The load generator is one loopback peer: exempt it from the per-peer abuse limits.
+printf '[rate_limits]\nexempt = ["127.0.0.0/8"]\n' > "$D/sigil.toml"
+"$SIGIL" serve --config "$D/sigil.toml" --data-dir "$D/data" --listen 127.0.0.1:0 >/dev/null 2>&1 &
 PID=$!
 trap 'kill $PID 2>/dev/null || true; rm -rf "$D"' EXIT
 for _ in $(seq 1 200); do [[ -s "$D/data/listen.addr" ]] && break; sleep 0.05; done

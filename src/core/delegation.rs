@@ -193,7 +193,7 @@ impl Broker {
             der: issued.der,
             ca_gen: signer.generation(),
             // Overwritten by the store with the agent's (see module docs).
-            origin: agent.origin.clone(),
+            origin: format!("delegated:{}", agent.origin),
             node: agent.node.clone(),
         };
         let audit = AuditRecord::new(now, AuditKind::Issued, "ok")

@@ -202,6 +202,11 @@ impl Broker {
             return Err(Error::Malformed("csr too large".into()));
         }
         let plan = self.active_plan();
+        // A workload's delegated SVID is renewed by its agent (which re-checks
+        // the plan entry), never directly by whoever holds it.
+        if parent.origin.starts_with("delegated:") {
+            return Err(Error::NotAuthorized);
+        }
         if parent.origin.starts_with("attest") {
             let allowed = plan
                 .as_ref()

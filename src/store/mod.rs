@@ -547,7 +547,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Renews atomically: the parent must exist and not be revoked (checked
     /// in the same transaction as the insert, so a concurrent revocation is
-    /// never outrun); the new certificate inherits the parent's origin and node.
+    /// never outrun); the new certificate inherits the parent's node, and its
+    /// origin too unless it is marked `delegated:` (issued by an agent for a workload).
     async fn renew_cert(&self, renewal: Renewal) -> Result<RenewOutcome, StoreError>;
 
     /// Every unexpired issued certificate covered by a revocation, as

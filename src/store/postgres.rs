@@ -1437,7 +1437,11 @@ async fn renew_cert(c: &mut PgConn, r: Renewal) -> Result<Finish<RenewOutcome>, 
         return Ok(Finish::Rollback(RenewOutcome::Revoked));
     }
     let mut cert = r.cert;
-    cert.origin = parent.origin;
+    // Renewals inherit how the identity was established; a certificate an
+    // agent obtained for a workload keeps its `delegated:` origin.
+    if !cert.origin.starts_with("delegated:") {
+        cert.origin = parent.origin;
+    }
     cert.node = parent.node;
     insert_issued(c, &cert, parent.token_id.as_deref()).await?;
     append_audit(c, &r.audit).await?;

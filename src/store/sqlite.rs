@@ -1347,7 +1347,11 @@ fn renew_cert(
         return Ok(RenewOutcome::Revoked);
     }
     let mut cert = r.cert.clone();
-    cert.origin = parent.origin;
+    // Renewals inherit how the identity was established; a certificate an
+    // agent obtained for a workload keeps its `delegated:` origin.
+    if !cert.origin.starts_with("delegated:") {
+        cert.origin = parent.origin;
+    }
     cert.node = parent.node;
     insert_issued(conn, &cert, parent.token_id.as_deref())?;
     append_audit(conn, head, &r.audit)?;

@@ -285,6 +285,64 @@ async fn spiffe_client_fetches_and_validates_x509_bundles_and_jwt() {
     a.shutdown().await.unwrap();
 }
 
+#[tokio::test]
+async fn attestation_command_gets_the_challenge_and_enrolls_the_agent() {
+    use sigil::attest::{registry::AttestConfig, testing::OidcTestIssuer, Preset};
+    let gh = Arc::new(OidcTestIssuer::rsa(
+        "gh",
+        "https://token.actions.githubusercontent.com",
+    ));
+    let cfg = AttestConfig {
+        nitro: None,
+        oidc: vec![gh.config(&["sigil"], Preset::GithubActions.claims())],
+    };
+    let b = TestBroker::start_with(move |c| c.attest = cfg.clone()).await;
+    apply_plan(
+        &b,
+        format!(
+            "{PLAN_HEAD}[[entries]]\nspiffe_id = \"spiffe://sigil.local/ci/agent\"\nselectors = [\"oidc:gh:repository:org/repo\"]\n"
+        ),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut claims = gh.standard_claims(
+        "repo:org/repo:ref:refs/heads/main",
+        "sigil",
+        b.now_ms(),
+        "jti-agent",
+    );
+    claims["repository"] = "org/repo".into();
+    std::fs::write(dir.path().join("oidc.jwt"), gh.mint(&claims)).unwrap();
+    let d = dir.path().display();
+    let command = format!(
+        "printf '%s %s %s' \"$SIGIL_CHALLENGE\" \"$SIGIL_PUBLIC_KEY\" \"$SIGIL_CSR_SHA256\" > {d}/env.txt; cat {d}/oidc.jwt"
+    );
+    let clock = MockClock::starting_now();
+    let a = start_agent(&b, dir.path(), &clock, false, |c| {
+        c.bootstrap = Bootstrap::Attestation {
+            format: "oidc".into(),
+            command,
+        };
+    })
+    .await;
+    let st = ready(&a).await;
+    assert_eq!(
+        st.spiffe_id.as_deref(),
+        Some("spiffe://sigil.local/ci/agent")
+    );
+    let env = std::fs::read_to_string(dir.path().join("env.txt")).unwrap();
+    let parts: Vec<&str> = env.split(' ').collect();
+    assert_eq!(parts.len(), 3, "{env}");
+    assert_eq!(parts[0].len(), 64, "the 32-byte challenge, hex");
+    assert!(parts
+        .iter()
+        .all(|p| !p.is_empty() && hex::decode(p).is_ok()));
+    // The attested agent renews like any other.
+    clock.advance_ms(31 * MIN);
+    eventually("renewed", || (a.status().serial != st.serial).then_some(())).await;
+    a.shutdown().await.unwrap();
+}
+
 // === per-workload identities and the delegation rule ===
 
 #[tokio::test]

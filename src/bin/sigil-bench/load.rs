@@ -289,6 +289,11 @@ fn start_in_process(a: &LoadArgs, cores: usize) -> anyhow::Result<InProcess> {
     let mut cfg = Config::with_data_dir(&data_dir);
     cfg.listen = "127.0.0.1:0".parse()?;
     cfg.group_commit = a.group_commit;
+    // Every client is on loopback: exempt it from the per-peer abuse limits
+    // (the limiter is still consulted on every request, as in production).
+    cfg.rates
+        .exempt
+        .push(sigil::ratelimit::Cidr::parse("127.0.0.0/8").map_err(anyhow::Error::msg)?);
     let running = rt
         .block_on(sigil::server::start(cfg, Arc::new(SystemClock)))
         .context("start the in-process broker")?;
