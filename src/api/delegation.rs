@@ -60,17 +60,18 @@ impl pb::delegation_server::Delegation for DelegationApi {
     ) -> Result<Response<pb::MintDelegatedResponse>, Status> {
         let caller = caller::public_caller(&request);
         let r = request.into_inner();
-        let out = self
-            .broker
-            .mint_delegated(
+        let out = super::served(
+            "MintDelegated",
+            self.broker.mint_delegated(
                 DelegatedX509Params {
                     csr: r.csr,
                     spiffe_id: r.spiffe_id,
                     selectors: r.selectors,
                 },
                 &caller,
-            )
-            .await?;
+            ),
+        )
+        .await?;
         Ok(Response::new(pb::MintDelegatedResponse {
             spiffe_id: out.spiffe_id,
             x509_svid_chain: out.chain,
@@ -87,9 +88,9 @@ impl pb::delegation_server::Delegation for DelegationApi {
     ) -> Result<Response<pb::MintDelegatedJwtResponse>, Status> {
         let caller = caller::public_caller(&request);
         let r = request.into_inner();
-        let j = self
-            .broker
-            .mint_delegated_jwt(
+        let j = super::served(
+            "MintDelegatedJWT",
+            self.broker.mint_delegated_jwt(
                 DelegatedJwtParams {
                     spiffe_id: r.spiffe_id,
                     audiences: r.audiences,
@@ -97,8 +98,9 @@ impl pb::delegation_server::Delegation for DelegationApi {
                     ttl_secs: r.ttl_seconds,
                 },
                 &caller,
-            )
-            .await?;
+            ),
+        )
+        .await?;
         Ok(Response::new(pb::MintDelegatedJwtResponse {
             jwt_svid: j.token,
             expires_at: j.expires_at,

@@ -15,7 +15,7 @@ use crate::core::{Broker, Caller, Credential, EnrollParams};
 
 /// Runs `fut` as request `rpc`: a fresh request id (in the tracing span and
 /// every audit row), latency and outcome metrics.
-async fn served<T>(
+pub(crate) async fn served<T>(
     rpc: &'static str,
     fut: impl std::future::Future<Output = Result<T, crate::core::Error>>,
 ) -> Result<T, Status> {

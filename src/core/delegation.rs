@@ -146,6 +146,7 @@ impl Broker {
         req: DelegatedX509Params,
         caller: &Caller,
     ) -> Result<Enrolled, Error> {
+        self.rate_gate(caller, crate::ratelimit::Limit::Issue)?;
         let r = self.mint_delegated_inner(&req, caller).await;
         if let Err(e) = &r {
             let id = bounded(&req.spiffe_id);
@@ -233,6 +234,7 @@ impl Broker {
         req: DelegatedJwtParams,
         caller: &Caller,
     ) -> Result<FetchedJwt, Error> {
+        self.rate_gate(caller, crate::ratelimit::Limit::Issue)?;
         let r = async {
             if req.audiences.is_empty() {
                 return Err(Error::Malformed("at least one audience is required".into()));
