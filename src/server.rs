@@ -329,10 +329,19 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         .context("reflection service")?;
 
     let (stop, stop_rx) = watch::channel(false);
+    // Limits that keep one client from pinning resources: per-call deadline,
+    // streams per connection, header size, HTTP/2 pings that close dead or
+    // idle-and-unresponsive connections, a bounded connection age (clients
+    // reconnect transparently), and a cap on reset streams (rapid reset).
     let public = Server::builder()
         .timeout(Duration::from_secs(30))
         .max_concurrent_streams(256)
         .http2_max_header_list_size(16 * 1024)
+        .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_connection_age(Duration::from_secs(2 * 3600))
+        .max_connection_age_grace(Duration::from_secs(60))
+        .http2_max_pending_accept_reset_streams(Some(100))
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
