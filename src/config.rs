@@ -127,8 +127,14 @@ pub struct OidcIssuerFile {
     pub issuer: String,
     /// Accepted `aud` values (the broker's audience).
     pub audiences: Vec<String>,
-    /// JWKS document of the issuer (JSON file).
-    pub jwks_file: PathBuf,
+    /// JWKS document of the issuer (JSON file); or `jwks_url`.
+    pub jwks_file: Option<PathBuf>,
+    /// `https://` URL of the issuer's JWKS, fetched at start and refreshed.
+    pub jwks_url: Option<String>,
+    /// PEM roots for `jwks_url` [default: the system bundle].
+    pub jwks_ca_file: Option<PathBuf>,
+    /// How often to refetch `jwks_url`, e.g. "10m" [default: 10m].
+    pub jwks_refresh: Option<String>,
     /// `github-actions`, `gitlab-ci` or `kubernetes`: the claims that become selectors.
     pub preset: Option<String>,
     /// Claims that become selectors (added to the preset's).
@@ -145,7 +151,15 @@ impl AttestationFile {
     ///
     /// # Errors
     /// Unreadable files or unknown presets, naming them.
-    pub fn resolve(&self) -> Result<crate::attest::registry::AttestConfig, String> {
+    pub fn resolve(
+        &self,
+    ) -> Result<
+        (
+            crate::attest::registry::AttestConfig,
+            Vec<crate::jwks::JwksSource>,
+        ),
+        String,
+    > {
         use crate::attest::{NitroConfig, OidcIssuer, Preset};
         let nitro = if self.nitro == Some(false) {
             None
@@ -161,6 +175,7 @@ impl AttestationFile {
             })
         };
         let mut oidc = Vec::new();
+        let mut sources = Vec::new();
         for o in &self.oidc {
             let mut claims = match &o.preset {
                 Some(p) => Preset::parse(p)
@@ -169,13 +184,29 @@ impl AttestationFile {
                 None => Vec::new(),
             };
             claims.extend(o.claims.iter().cloned());
-            let jwks_json = std::fs::read_to_string(&o.jwks_file).map_err(|e| {
-                format!(
-                    "attestation.oidc {}: {}: {e}",
-                    o.alias,
-                    o.jwks_file.display()
-                )
-            })?;
+            let jwks_json = match (&o.jwks_file, &o.jwks_url) {
+                (Some(f), None) => std::fs::read_to_string(f)
+                    .map_err(|e| format!("attestation.oidc {}: {}: {e}", o.alias, f.display()))?,
+                (None, Some(url)) => {
+                    sources.push(crate::jwks::JwksSource {
+                        alias: o.alias.clone(),
+                        url: url.clone(),
+                        ca_file: o.jwks_ca_file.clone(),
+                        refresh: std::time::Duration::from_secs(
+                            parse_duration_secs(o.jwks_refresh.as_deref().unwrap_or("10m"))?
+                                .unsigned_abs(),
+                        ),
+                    });
+                    // Filled in by the first fetch at start.
+                    String::new()
+                }
+                _ => {
+                    return Err(format!(
+                        "attestation.oidc {}: give exactly one of jwks_file and jwks_url",
+                        o.alias
+                    ))
+                }
+            };
             oidc.push(OidcIssuer {
                 alias: o.alias.clone(),
                 issuer: o.issuer.clone(),
@@ -189,7 +220,10 @@ impl AttestationFile {
                 binding_claim: o.binding_claim.clone(),
             });
         }
-        Ok(crate::attest::registry::AttestConfig { nitro, oidc })
+        Ok((
+            crate::attest::registry::AttestConfig { nitro, oidc },
+            sources,
+        ))
     }
 }
 
@@ -239,6 +273,8 @@ pub struct Config {
     pub require_bootstrap_secret: bool,
     /// Attestation verifiers' trust (Nitro roots, OIDC issuers).
     pub attest: crate::attest::registry::AttestConfig,
+    /// OIDC issuers whose JWKS is fetched from a URL (at start and on a timer).
+    pub jwks_sources: Vec<crate::jwks::JwksSource>,
     /// Per-peer rate limits.
     pub rates: crate::ratelimit::RateConfig,
     /// Proxies whose `x-forwarded-for` metadata names the real client.
@@ -295,6 +331,7 @@ impl Config {
             bootstrap_secret_file: None,
             require_bootstrap_secret: false,
             attest: crate::attest::registry::AttestConfig::default(),
+            jwks_sources: Vec::new(),
             rates: crate::ratelimit::RateConfig::default(),
             trusted_proxies: Vec::new(),
             metrics_listen: None,

@@ -36,6 +36,7 @@ pub mod clock;
 pub mod config;
 pub mod core;
 pub mod identity;
+pub mod jwks;
 pub mod keysync;
 pub mod metrics;
 pub mod policy;

@@ -282,8 +282,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
                 token_key,
                 bootstrap,
                 bootstrap_source,
-                attestors: crate::attest::registry::Registry::new(&cfg.attest)
-                    .map_err(|e| anyhow::anyhow!("attestation config: {e}"))?,
+                attestors: attestors(&cfg).await?,
             },
             clock.clone(),
         )
@@ -407,6 +406,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         }
     });
 
+    spawn_jwks_refresh(broker.clone(), cfg.jwks_sources.clone(), stop_rx.clone());
     if let Some(k) = kek.clone() {
         spawn_replica_sync(
             broker.clone(),
@@ -467,6 +467,51 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         stop,
         task,
     })
+}
+
+/// Builds the attestation verifiers, fetching URL-sourced JWKS first.
+async fn attestors(cfg: &Config) -> anyhow::Result<crate::attest::registry::Registry> {
+    let mut attest = cfg.attest.clone();
+    for src in &cfg.jwks_sources {
+        let json = crate::jwks::fetch(src)
+            .await
+            .with_context(|| format!("attestation.oidc {}: fetch {}", src.alias, src.url))?;
+        if let Some(i) = attest.oidc.iter_mut().find(|i| i.alias == src.alias) {
+            i.jwks_json = json;
+        }
+    }
+    crate::attest::registry::Registry::new(&attest)
+        .map_err(|e| anyhow::anyhow!("attestation config: {e}"))
+}
+
+/// Refetches URL-sourced JWKS on their timers; a failed fetch keeps the old keys.
+fn spawn_jwks_refresh(
+    broker: Arc<Broker>,
+    sources: Vec<crate::jwks::JwksSource>,
+    stop: watch::Receiver<bool>,
+) {
+    for src in sources {
+        let broker = broker.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(src.refresh.max(Duration::from_secs(1)));
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let Some(oidc) = broker.oidc_attestor() else { break };
+                        match crate::jwks::fetch(&src).await.map_err(|e| format!("{e:#}")).and_then(|json| {
+                            oidc.update_jwks(&src.alias, &json).map_err(|e| e.to_string())
+                        }) {
+                            Ok(n) => tracing::debug!(alias = %src.alias, keys = n, "JWKS refreshed"),
+                            Err(e) => tracing::warn!(alias = %src.alias, error = %e, "JWKS refresh failed; keeping the old keys"),
+                        }
+                    }
+                    _ = stop.changed() => break,
+                }
+            }
+        });
+    }
 }
 
 /// Replica coordination (PostgreSQL): applies other replicas' changes as

@@ -299,7 +299,8 @@ struct Issuer {
     alias: String,
     issuer: String,
     audiences: Vec<String>,
-    keys: BTreeMap<String, Jwk>,
+    /// Replaced as a whole by [`OidcAttestor::update_jwks`] (key rotation at the issuer).
+    keys: std::sync::RwLock<std::sync::Arc<BTreeMap<String, Jwk>>>,
     claims: Vec<ClaimPath>,
     algorithms: Vec<Alg>,
     binding_claim: Option<ClaimPath>,
@@ -352,6 +353,38 @@ impl OidcAttestor {
             out.push(issuer);
         }
         Ok(Self { issuers: out })
+    }
+}
+
+impl OidcAttestor {
+    /// Replaces issuer `alias`'s keys with a freshly fetched JWKS (the
+    /// issuer rotated its signing keys). The old keys stay when the new
+    /// document is unusable.
+    ///
+    /// # Errors
+    /// [`AttestError::Config`] for an unknown alias or an unusable JWKS.
+    pub fn update_jwks(&self, alias: &str, jwks_json: &str) -> Result<usize, AttestError> {
+        let issuer = self
+            .issuers
+            .iter()
+            .find(|i| i.alias == alias)
+            .ok_or_else(|| config_err(format!("oidc: no issuer {}", quoted(alias))))?;
+        let keys = parse_jwks(jwks_json)
+            .map_err(|e| config_err(format!("oidc issuer {alias}: JWKS: {e}")))?;
+        if !keys
+            .values()
+            .any(|k| issuer.algorithms.contains(&k.native_alg()))
+        {
+            return Err(config_err(format!(
+                "oidc issuer {alias}: JWKS has no key usable with the allowed algorithms"
+            )));
+        }
+        let n = keys.len();
+        *issuer
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = std::sync::Arc::new(keys);
+        Ok(n)
     }
 }
 
@@ -408,7 +441,7 @@ impl Issuer {
             alias: alias.clone(),
             issuer: cfg.issuer.clone(),
             audiences: cfg.audiences.clone(),
-            keys,
+            keys: std::sync::RwLock::new(std::sync::Arc::new(keys)),
             claims,
             algorithms,
             binding_claim,
@@ -562,8 +595,12 @@ impl Attestor for OidcAttestor {
                 "alg {alg} is not allowed for issuer {alias}"
             )));
         }
-        let jwk = issuer
+        let keys = issuer
             .keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let jwk = keys
             .get(kid)
             .ok_or_else(|| invalid(format!("unknown kid {} for issuer {alias}", quoted(kid))))?;
         let sig = URL_SAFE_NO_PAD

@@ -34,6 +34,7 @@ impl Default for AttestConfig {
 #[derive(Clone)]
 pub struct Registry {
     attestors: BTreeMap<&'static str, Arc<dyn Attestor>>,
+    oidc: Option<Arc<OidcAttestor>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -56,10 +57,13 @@ impl Registry {
         if let Some(nitro) = &cfg.nitro {
             add(Arc::new(NitroAttestor::new(nitro)?));
         }
+        let mut oidc = None;
         if !cfg.oidc.is_empty() {
-            add(Arc::new(OidcAttestor::new(&cfg.oidc)?));
+            let o = Arc::new(OidcAttestor::new(&cfg.oidc)?);
+            oidc = Some(o.clone());
+            add(o);
         }
-        Ok(Self { attestors })
+        Ok(Self { attestors, oidc })
     }
 
     /// The verifier for `format`.
@@ -71,6 +75,11 @@ impl Registry {
             .get(format)
             .map(|a| a.as_ref())
             .ok_or_else(|| AttestError::UnknownFormat(super::quoted(format)))
+    }
+
+    /// The OIDC verifier, to refresh issuers' keys.
+    pub fn oidc(&self) -> Option<&Arc<OidcAttestor>> {
+        self.oidc.as_ref()
     }
 
     /// The configured format names, sorted.

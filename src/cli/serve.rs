@@ -138,7 +138,7 @@ impl ServeArgs {
         cfg.require_bootstrap_secret =
             self.require_bootstrap_secret || file.require_bootstrap_secret.unwrap_or(false);
         if let Some(a) = &file.attestation {
-            cfg.attest = a.resolve()?;
+            (cfg.attest, cfg.jwks_sources) = a.resolve()?;
         }
         if let Some(r) = &file.rate_limits {
             r.apply(&mut cfg.rates)?;

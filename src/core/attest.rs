@@ -10,6 +10,8 @@
 //! revoked → a plan entry matches → sign → consume the guard and record
 //! (durable) → respond.
 
+use std::sync::Arc;
+
 use super::{broker::Broker, plans::with_plan, Caller, Enrolled, Error};
 use crate::{
     attest::{AttestError, AttestInput, ReplayGuard, VerifiedAttestation, MAX_DOCUMENT_LEN},
@@ -79,6 +81,11 @@ impl Broker {
             nonce,
             expires_at: expires_at_ms.div_euclid(1000),
         })
+    }
+
+    /// The OIDC verifier (to refresh issuers' keys).
+    pub fn oidc_attestor(&self) -> Option<Arc<crate::attest::OidcAttestor>> {
+        self.attestors.oidc().cloned()
     }
 
     /// Attestation formats this broker verifies.

@@ -523,3 +523,116 @@ async fn jti_reuse_is_refused_across_a_restart_and_node_revocation_bars_enrollme
     assert_eq!(reason(&err), "ATTESTATION_INVALID");
     assert!(err.message().contains("revoked"));
 }
+
+/// A tiny HTTPS server answering every request with the current body.
+async fn jwks_server(
+    body: std::sync::Arc<std::sync::Mutex<String>>,
+) -> (String, tempfile::TempDir) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                break;
+            };
+            let acceptor = acceptor.clone();
+            let body = body.clone();
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = [0u8; 2048];
+                let _ = s.read(&mut buf).await;
+                let b = body.lock().unwrap().clone();
+                let resp = format!("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}", b.len());
+                let _ = s.write_all(resp.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (format!("https://localhost:{port}/.well-known/jwks"), dir)
+}
+
+#[tokio::test]
+async fn jwks_fetched_from_the_issuer_url_and_refreshed_on_rotation() {
+    let old = OidcTestIssuer::rsa("gh", "https://token.actions.githubusercontent.com");
+    let new = OidcTestIssuer::rsa("gh", "https://token.actions.githubusercontent.com");
+    let body = std::sync::Arc::new(std::sync::Mutex::new(old.jwks_json()));
+    let (url, ca_dir) = jwks_server(body.clone()).await;
+    let mut issuer = old.config(&["sigil"], Preset::GithubActions.claims());
+    issuer.jwks_json = String::new();
+    let source = sigil::jwks::JwksSource {
+        alias: "gh".into(),
+        url,
+        ca_file: Some(ca_dir.path().join("ca.pem")),
+        refresh: std::time::Duration::from_millis(200),
+    };
+    let b = TestBroker::start_with(move |c| {
+        c.attest = AttestConfig {
+            nitro: None,
+            oidc: vec![issuer.clone()],
+        };
+        c.jwks_sources = vec![source.clone()];
+    })
+    .await;
+    b.admin()
+        .await
+        .apply_plan(pb::ApplyPlanRequest { plan: plan() })
+        .await
+        .unwrap();
+    let (_, csr) = key_and_csr();
+    let token = |iss: &OidcTestIssuer, jti: &str| {
+        let mut c = iss.standard_claims(
+            "repo:org/repo:ref:refs/heads/main",
+            "sigil",
+            b.now_ms(),
+            jti,
+        );
+        c["repository"] = "org/repo".into();
+        iss.mint(&c).into_bytes()
+    };
+    let mut c = b.identity().await;
+    c.enroll(attest_req("oidc", token(&old, "a"), &csr))
+        .await
+        .unwrap();
+    let err = c
+        .enroll(attest_req("oidc", token(&new, "b"), &csr))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("unknown kid"), "{}", err.message());
+    // The issuer rotates its keys; the broker picks them up on its next refresh.
+    *body.lock().unwrap() = new.jwks_json();
+    let t = std::time::Instant::now();
+    let mut n = 0;
+    loop {
+        n += 1;
+        match c
+            .enroll(attest_req("oidc", token(&new, &format!("c{n}")), &csr))
+            .await
+        {
+            Ok(_) => break,
+            Err(e) => assert!(t.elapsed().as_secs() < 5, "not refreshed: {e:?}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -146,6 +146,7 @@ struct Target {
     in_process: bool,
     description: String,
     prefill_secs: Option<f64>,
+    issued_at_start: Option<u64>,
 }
 
 /// An in-process broker and what must outlive it.
@@ -153,6 +154,7 @@ struct InProcess {
     rt: Runtime,
     running: sigil::server::Running,
     prefill_secs: Option<f64>,
+    issued_at_start: Option<u64>,
     _dir: Option<TempDir>,
 }
 
@@ -205,6 +207,7 @@ pub fn run(a: &LoadArgs, mode: Mode) -> anyhow::Result<i32> {
                 pid: a.broker_pid,
                 in_process: false,
                 prefill_secs: None,
+                issued_at_start: None,
                 description: format!(
                     "external broker {url}{}",
                     a.broker_pid
@@ -221,6 +224,7 @@ pub fn run(a: &LoadArgs, mode: Mode) -> anyhow::Result<i32> {
                     pid: Some(std::process::id()),
                     in_process: true,
                     prefill_secs: b.prefill_secs,
+                    issued_at_start: b.issued_at_start,
                     description: format!(
                     "in-process broker (group commit {}, {} broker threads, {} client threads{})",
                     if a.group_commit { "on" } else { "off" },
@@ -297,10 +301,16 @@ fn start_in_process(a: &LoadArgs, cores: usize) -> anyhow::Result<InProcess> {
     let running = rt
         .block_on(sigil::server::start(cfg, Arc::new(SystemClock)))
         .context("start the in-process broker")?;
+    // Store size as the run sees it (a prefill, or a kept --data-dir).
+    let issued_at_start = rt
+        .block_on(running.broker.store().counts())
+        .ok()
+        .map(|c| c.issued);
     Ok(InProcess {
         rt,
         running,
         prefill_secs,
+        issued_at_start,
         _dir: dir,
     })
 }
@@ -1079,6 +1089,7 @@ impl Report<'_> {
                 "group_commit": self.target.in_process.then_some(self.a.group_commit),
                 "prefill": self.a.prefill,
                 "prefill_seconds": self.target.prefill_secs.map(round3),
+                "issued_at_start": self.target.issued_at_start,
             },
             "cores": procstat::cores(),
             "duration_s": round3(self.out.elapsed.as_secs_f64()),
