@@ -246,3 +246,159 @@ async fn rotation_on_one_replica_reaches_the_others_and_needs_a_kek() {
         .unwrap_err();
     assert!(format!("{err:#}").contains("SIGIL_KEK"), "{err:#}");
 }
+
+/// Real processes: three `sigil serve` replicas on one database; one is
+/// killed with SIGKILL mid-load, then every database connection is cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_replica_and_lost_database_connections_never_double_issue() {
+    let Some(url) = fresh_db().await else { return };
+    let bin = env!("CARGO_BIN_EXE_sigil");
+    let dir = tempfile::tempdir().unwrap();
+    let mut procs = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..3 {
+        let data = dir.path().join(format!("r{i}"));
+        let child = std::process::Command::new(bin)
+            .args([
+                "serve",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                "--store",
+                &url,
+            ])
+            .env("SIGIL_KEK", KEK)
+            .env("SIGIL_LOG", "warn")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = std::time::Instant::now();
+        while !data.join("admin.sock").exists() {
+            assert!(t.elapsed().as_secs() < 30, "replica {i} did not start");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        addrs.push(
+            std::fs::read_to_string(data.join("listen.addr"))
+                .unwrap()
+                .trim()
+                .to_owned(),
+        );
+        procs.push((child, data));
+    }
+    let socket = procs[0].1.join("admin.sock");
+    let mut admin =
+        pb::admin_client::AdminClient::new(sigil::cli::connect_admin(socket).await.unwrap());
+    let pin = admin
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .ca_pin;
+    let mut tokens = Vec::new();
+    for _ in 0..30 {
+        let t = admin
+            .create_enrollment_token(pb::CreateEnrollmentTokenRequest {
+                spiffe_id: ID.into(),
+                ttl_seconds: 0,
+                max_uses: 1,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        tokens.push(sigil::token::parse_token(&t.token).unwrap());
+    }
+    let connect = |addr: String, pin: String| async move {
+        let trust = sigil::cli::Trust::from_pin(&pin).unwrap();
+        sigil::cli::connect_tls(
+            &format!("https://{addr}"),
+            sigil::cli::tls_config(&trust).unwrap(),
+        )
+        .await
+        .map(pb::identity_client::IdentityClient::new)
+    };
+    // Each token: enroll through replica i % 3, retrying elsewhere with the
+    // same key (retry-safe) when a replica dies or the database blips.
+    let mut tasks = Vec::new();
+    for (i, (id, secret)) in tokens.iter().cloned().enumerate() {
+        let addrs = addrs.clone();
+        let pin = pin.clone();
+        tasks.push(tokio::spawn(async move {
+            let (key, _) = key_and_csr();
+            for attempt in 0..20 {
+                tokio::time::sleep(std::time::Duration::from_millis((i as u64 % 10) * 15)).await;
+                let addr = addrs[(i + attempt) % 3].clone();
+                let Ok(mut c) = connect(addr, pin.clone()).await else {
+                    continue;
+                };
+                let csr = csr_for(&key);
+                let now = sigil::clock::Clock::now_ms(&sigil::clock::SystemClock);
+                match c.enroll(enroll_req(&id, &secret, &csr, now, &[])).await {
+                    Ok(r) => return (id, Some(r.into_inner().x509_svid_chain[0].clone())),
+                    Err(e) => {
+                        let why = reason(&e);
+                        assert!(
+                            why.contains("UNAVAILABLE") || why.starts_with("<no ErrorInfo"),
+                            "unexpected refusal {why}"
+                        );
+                    }
+                }
+            }
+            (id, None)
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+    // SIGKILL replica 1 mid-load.
+    let (mut victim, _) = procs.remove(1);
+    victim.kill().unwrap();
+    let _ = victim.wait();
+    // Cut every database connection of the survivors once.
+    let (pg, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    pg.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        &[],
+    )
+    .await
+    .unwrap();
+    let mut certs = std::collections::HashMap::new();
+    for t in tasks {
+        let (id, cert) = t.await.unwrap();
+        certs.insert(id, cert.expect("every token enrolled in the end"));
+    }
+    // Nothing issued twice: one certificate row per token in the database.
+    let rows = pg
+        .query(
+            "SELECT token_id, count(*) FROM issued GROUP BY token_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 30);
+    for r in rows {
+        assert_eq!(
+            r.get::<_, i64>(1),
+            1,
+            "token {} issued twice",
+            r.get::<_, String>(0)
+        );
+    }
+    // A consumed token is not usable again with another key, on any survivor.
+    let (id, secret) = tokens[0].clone();
+    for addr in [&addrs[0], &addrs[2]] {
+        let mut c = connect(addr.clone(), pin.clone()).await.unwrap();
+        let (_, csr) = key_and_csr();
+        let now = sigil::clock::Clock::now_ms(&sigil::clock::SystemClock);
+        let err = c
+            .enroll(enroll_req(&id, &secret, &csr, now, &[]))
+            .await
+            .unwrap_err();
+        assert_eq!(reason(&err), "TOKEN_ALREADY_USED");
+    }
+    for (mut p, _) in procs {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+}
