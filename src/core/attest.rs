@@ -12,14 +12,18 @@
 
 use std::sync::Arc;
 
-use super::{broker::Broker, plans::with_plan, Caller, Enrolled, Error};
+use super::{
+    broker::{Broker, LeafSpec},
+    plans::with_plan,
+    Caller, Enrolled, Error,
+};
 use crate::{
     attest::{AttestError, AttestInput, ReplayGuard, VerifiedAttestation, MAX_DOCUMENT_LEN},
     audit::{AuditKind, AuditRecord},
-    ca::{self, X509Params},
+    ca,
     identity::SpiffeId,
     policy::{Entry, Plan},
-    store::{AttestGuard, AttestOutcome, AttestRedemption, IssuedCert},
+    store::{AttestGuard, AttestOutcome, AttestRedemption},
 };
 
 /// Server challenge length, bytes.
@@ -142,31 +146,16 @@ impl Broker {
         let entry = match_entry(&plan.plan, verified.selectors())?;
         let id = SpiffeId::parse(&entry.spiffe_id).map_err(|_| Error::Internal)?;
 
-        let signer = self.authority.active();
-        let issued = signer
-            .issue_x509(&X509Params {
-                spiffe_id: &id,
-                csr: &vcsr,
-                now_ms: now,
-                ttl_secs: entry.x509_ttl,
-                dns_names: &entry.dns_names,
-            })
-            .map_err(|e| {
-                tracing::error!(error = %e, "signing failed");
-                Error::Internal
-            })?;
-        let cert = IssuedCert {
-            serial: issued.serial_hex.clone(),
+        let cert = self.sign_leaf(LeafSpec {
+            id: &id,
+            csr: &vcsr,
+            now_ms: now,
+            ttl_secs: entry.x509_ttl,
+            dns_names: &entry.dns_names,
             token_id: None,
-            spiffe_id: id.to_string(),
-            spki_sha256: vcsr.spki_sha256_hex().to_owned(),
-            issued_at_ms: now,
-            not_after_ms: issued.not_after_ms,
-            der: issued.der,
-            ca_gen: signer.generation(),
             origin: format!("attest:{}", verified.format()),
             node: Some(verified.node().to_owned()),
-        };
+        })?;
         let guard = match verified.replay_guard() {
             ReplayGuard::Challenge(n) => AttestGuard::Challenge(hex::encode(n)),
             ReplayGuard::Jti { key, expires_at_ms } => AttestGuard::OneUse {

@@ -34,6 +34,18 @@ pub const MAX_AUDIENCE_LEN: usize = 256;
 /// Most uses one token may carry.
 pub const MAX_TOKEN_USES: u32 = 1_000_000;
 
+/// What a new X509-SVID is for, besides its key; see [`Broker::sign_leaf`].
+pub(super) struct LeafSpec<'a> {
+    pub id: &'a SpiffeId,
+    pub csr: &'a ca::VerifiedCsr,
+    pub now_ms: i64,
+    pub ttl_secs: i64,
+    pub dns_names: &'a [String],
+    pub token_id: Option<String>,
+    pub origin: String,
+    pub node: Option<String>,
+}
+
 /// Tunables of the broker core.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -668,31 +680,16 @@ impl Broker {
         // 6. Sign in memory; kept only if the transaction below wins.
         let plan = self.active_plan();
         let ttls = self.ttls_for(plan.as_deref(), spiffe_id.as_str());
-        let signer = self.authority.active();
-        let issued = signer
-            .issue_x509(&X509Params {
-                spiffe_id: &spiffe_id,
-                csr: &csr,
-                now_ms: now,
-                ttl_secs: ttls.x509,
-                dns_names: &ttls.dns_names,
-            })
-            .map_err(|e| {
-                tracing::error!(error = %e, "signing failed");
-                Error::Internal
-            })?;
-        let cert = IssuedCert {
-            serial: issued.serial_hex.clone(),
+        let cert = self.sign_leaf(LeafSpec {
+            id: &spiffe_id,
+            csr: &csr,
+            now_ms: now,
+            ttl_secs: ttls.x509,
+            dns_names: &ttls.dns_names,
             token_id: Some(token_id.to_owned()),
-            spiffe_id: spiffe_id.to_string(),
-            spki_sha256: csr.spki_sha256_hex().to_owned(),
-            issued_at_ms: now,
-            not_after_ms: issued.not_after_ms,
-            der: issued.der,
-            ca_gen: signer.generation(),
             origin: "token".to_owned(),
             node: None,
-        };
+        })?;
         let audit = AuditRecord::new(now, AuditKind::Issued, "ok")
             .field("token_id", token_id)
             .field("spiffe_id", spiffe_id.as_str())
@@ -740,6 +737,40 @@ impl Broker {
             RedeemOutcome::TokenRevoked => Err(Error::TokenRevoked),
             RedeemOutcome::TokenAlreadyUsed => Err(Error::TokenAlreadyUsed),
         }
+    }
+
+    /// Signs an X509-SVID in memory with the active CA generation and
+    /// describes it for the store. Nothing is recorded here: the caller's
+    /// store transaction decides whether it is kept.
+    ///
+    /// # Errors
+    /// `Internal` when signing fails (details are logged).
+    pub(super) fn sign_leaf(&self, s: LeafSpec<'_>) -> Result<IssuedCert, Error> {
+        let signer = self.authority.active();
+        let issued = signer
+            .issue_x509(&X509Params {
+                spiffe_id: s.id,
+                csr: s.csr,
+                now_ms: s.now_ms,
+                ttl_secs: s.ttl_secs,
+                dns_names: s.dns_names,
+            })
+            .map_err(|e| {
+                tracing::error!(error = %e, "signing failed");
+                Error::Internal
+            })?;
+        Ok(IssuedCert {
+            serial: issued.serial_hex,
+            token_id: s.token_id,
+            spiffe_id: s.id.to_string(),
+            spki_sha256: s.csr.spki_sha256_hex().to_owned(),
+            issued_at_ms: s.now_ms,
+            not_after_ms: issued.not_after_ms,
+            der: issued.der,
+            ca_gen: signer.generation(),
+            origin: s.origin,
+            node: s.node,
+        })
     }
 
     pub(super) fn check_window(&self, timestamp_ms: i64, now_ms: i64) -> Result<(), Error> {

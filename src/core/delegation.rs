@@ -27,10 +27,14 @@
 //! them, only that the claim fits the plan. They are bounded in size and
 //! count; only the matched entry's selectors reach the audit row.
 
-use super::{broker::Broker, plans::with_plan, Caller, Enrolled, Error, FetchedJwt};
+use super::{
+    broker::{Broker, LeafSpec},
+    plans::with_plan,
+    Caller, Enrolled, Error, FetchedJwt,
+};
 use crate::{
     audit::{AuditKind, AuditRecord},
-    ca::{self, X509Params},
+    ca,
     identity::SpiffeId,
     policy::Entry,
     store::{IssuedCert, RenewOutcome, Renewal},
@@ -171,32 +175,18 @@ impl Broker {
         let csr = ca::verify_csr(&req.csr).map_err(|e| Error::Malformed(format!("csr: {e}")))?;
 
         let now = self.clock.now_ms();
-        let signer = self.authority.active();
-        let issued = signer
-            .issue_x509(&X509Params {
-                spiffe_id: &id,
-                csr: &csr,
-                now_ms: now,
-                ttl_secs: entry.x509_ttl,
-                dns_names: &entry.dns_names,
-            })
-            .map_err(|e| {
-                tracing::error!(error = %e, "signing failed");
-                Error::Internal
-            })?;
-        let cert = IssuedCert {
-            serial: issued.serial_hex.clone(),
+        let cert = self.sign_leaf(LeafSpec {
+            id: &id,
+            csr: &csr,
+            now_ms: now,
+            ttl_secs: entry.x509_ttl,
+            dns_names: &entry.dns_names,
             token_id: None,
-            spiffe_id: id.to_string(),
-            spki_sha256: csr.spki_sha256_hex().to_owned(),
-            issued_at_ms: now,
-            not_after_ms: issued.not_after_ms,
-            der: issued.der,
-            ca_gen: signer.generation(),
-            // Overwritten by the store with the agent's (see module docs).
+            // Kept by the store (not replaced by the agent's origin): a
+            // delegated SVID is renewed only through its agent.
             origin: format!("delegated:{}", agent.origin),
             node: agent.node.clone(),
-        };
+        })?;
         let audit = AuditRecord::new(now, AuditKind::Issued, "ok")
             .field("spiffe_id", id.as_str())
             .field("serial", cert.serial.as_str())

@@ -13,10 +13,14 @@ use std::{
     sync::{Arc, PoisonError},
 };
 
-use super::{broker::Broker, plans::with_plan, Caller, Enrolled, Error};
+use super::{
+    broker::{Broker, LeafSpec},
+    plans::with_plan,
+    Caller, Enrolled, Error,
+};
 use crate::{
     audit::{AuditKind, AuditRecord},
-    ca::{self, X509Params},
+    ca,
     identity::SpiffeId,
     store::{IssuedCert, RenewOutcome, Renewal, RevocationKind, RevocationRecord},
 };
@@ -219,31 +223,16 @@ impl Broker {
         let csr = ca::verify_csr(csr).map_err(|e| Error::Malformed(format!("csr: {e}")))?;
         let now = self.clock.now_ms();
         let ttls = self.ttls_for(plan.as_deref(), id.as_str());
-        let signer = self.authority.active();
-        let issued = signer
-            .issue_x509(&X509Params {
-                spiffe_id: &id,
-                csr: &csr,
-                now_ms: now,
-                ttl_secs: ttls.x509,
-                dns_names: &ttls.dns_names,
-            })
-            .map_err(|e| {
-                tracing::error!(error = %e, "signing failed");
-                Error::Internal
-            })?;
-        let cert = IssuedCert {
-            serial: issued.serial_hex.clone(),
+        let cert = self.sign_leaf(LeafSpec {
+            id: &id,
+            csr: &csr,
+            now_ms: now,
+            ttl_secs: ttls.x509,
+            dns_names: &ttls.dns_names,
             token_id: None,
-            spiffe_id: id.to_string(),
-            spki_sha256: csr.spki_sha256_hex().to_owned(),
-            issued_at_ms: now,
-            not_after_ms: issued.not_after_ms,
-            der: issued.der,
-            ca_gen: signer.generation(),
             origin: parent.origin.clone(),
             node: parent.node.clone(),
-        };
+        })?;
         let audit = AuditRecord::new(now, AuditKind::Renewed, "ok")
             .field("spiffe_id", id.as_str())
             .field("serial", cert.serial.as_str())

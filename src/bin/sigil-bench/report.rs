@@ -120,9 +120,18 @@ fn bound_of(run: &Value) -> String {
         + num(run, &["cpu_cores", "rest_of_bench_process"]).unwrap_or(0.0);
     let o = num(run, &["cpu_cores", "other_processes"]).unwrap_or(0.0);
     let used = b + l + o;
+    let per = num(run, &["cpu_us_per_request", "broker"]).map_or(String::new(), |u| {
+        format!(
+            "; broker CPU {u:.0} µs per request{}",
+            num(run, &["cpu_us_per_request", "broker_store_writer"])
+                .map_or(String::new(), |w| format!(
+                    ", {w:.0} of them in the store writer"
+                ))
+        )
+    });
     if used >= 0.85 * cores {
         format!(
-            "CPU: {used:.2} of {cores:.0} cores busy (broker {b:.2}, load generator {l:.2}, other processes {o:.2})"
+            "CPU: {used:.2} of {cores:.0} cores busy (broker {b:.2}, load generator {l:.2}, other processes {o:.2}){per}"
         )
     } else {
         format!(
@@ -340,7 +349,7 @@ fn targets(r: &Results, cf: &BTreeMap<u32, (f64, f64, f64, u64)>) -> Vec<Target>
             verdict: at_most(p99, 10.0, " ms"),
             bound: run.as_ref().map_or(String::new(), |v| {
                 format!(
-                    "closed loop with 64 requests in flight on {} cores: p50 {} ms ≈ 64 ÷ throughput (queueing, Little's law)",
+                    "closed loop with 64 requests in flight on {} cores: p50 {} ms ≈ 64 ÷ throughput (Little's law); each commit waits for an fsync plus the batch's writer CPU (What bounds us §2–3)",
                     num(v, &["cores"]).unwrap_or(0.0),
                     f2(num(v, &["latency_ms", "p50"]))
                 )
