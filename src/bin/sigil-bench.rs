@@ -343,9 +343,18 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Report(a) => report::run(&a),
         Cmd::Renew(a) => load::run(&a, load::Mode::Renew),
         Cmd::FetchJwt(a) => load::run(&a, load::Mode::FetchJwt),
-        Cmd::EnrollNitro(_) => Ok(pending("enroll-nitro", "the AWS Nitro Enclaves attestor")),
-        Cmd::EnrollOidc(_) => Ok(pending("enroll-oidc", "the OIDC attestor")),
-        Cmd::HaPostgres(_) => Ok(pending("ha-postgres", "the PostgreSQL store and replicas")),
+        Cmd::EnrollNitro(_) => Ok(pending(
+            "enroll-nitro",
+            "a Nitro attestation document source and a plan that trusts it; sigil-bench does not build them yet",
+        )),
+        Cmd::EnrollOidc(_) => Ok(pending(
+            "enroll-oidc",
+            "an OIDC issuer that the broker's plan trusts; sigil-bench does not set one up yet",
+        )),
+        Cmd::HaPostgres(_) => Ok(pending(
+            "ha-postgres",
+            "a PostgreSQL server and 3 broker replicas; sigil-bench does not orchestrate them yet",
+        )),
     }
 }
 

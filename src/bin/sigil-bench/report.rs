@@ -135,7 +135,7 @@ fn bound_of(run: &Value) -> String {
         )
     } else {
         format!(
-            "not CPU-saturated ({used:.2} of {cores:.0} cores busy: broker {b:.2}, load generator {l:.2}, others {o:.2}): latency-bound (round trips, fsync, serialised store work)"
+            "not CPU-saturated ({used:.2} of {cores:.0} cores busy: broker {b:.2}, load generator {l:.2}, others {o:.2}){per}: the serial store writer (its CPU plus fsync waits, one batch at a time, What bounds us §2–3)"
         )
     }
 }
@@ -273,7 +273,7 @@ fn at_least(value: Option<f64>, goal: f64, unit: &str) -> String {
         Some(v) => verdict(
             Some(false),
             format!(
-                "{:.0} % short of {goal}{unit}: needs {:.1}× more",
+                "{:.0} % short of {goal}{unit}: needs {:.2}× more",
                 (1.0 - v / goal) * 100.0,
                 goal / v.max(1e-9)
             ),
@@ -805,9 +805,9 @@ fn generate(r: &Results, criterion_dir: &Path) -> String {
     s.push_str(
         "### Pending scenarios\n\n`sigil-bench` accepts these names but exits 2 with \"not available in this build yet\":\n\n\
          | scenario | needs |\n|---|---|\n\
-         | `enroll-nitro` | a Nitro attestation document source the benchmark can drive (the verifier exists; its test PKI is only exposed behind the `test-support` feature) |\n\
-         | `enroll-oidc` | likewise, an OIDC issuer the broker's plan trusts |\n\
-         | `ha-postgres` | the PostgreSQL store, to run 3 replicas on one database |\n\n",
+         | `enroll-nitro` | a Nitro attestation document source and a plan that trusts its root (the broker's verifier exists; its test PKI is only exposed behind the `test-support` feature) |\n\
+         | `enroll-oidc` | an OIDC issuer that the broker's plan trusts |\n\
+         | `ha-postgres` | a PostgreSQL server and 3 broker replicas started by the benchmark (the PostgreSQL store exists) |\n\n",
     );
 
     // Criterion.
