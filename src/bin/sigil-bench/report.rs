@@ -464,7 +464,7 @@ fn targets(r: &Results, cf: &BTreeMap<u32, (f64, f64, f64, u64)>) -> Vec<Target>
         bound: full.as_ref().map_or(String::new(), |v| {
             let n = store_rows(v) as f64;
             let mut b = format!(
-                "p99.9 {} ms, max {} ms with the big store (vs {} / {} ms empty): the CRL refresh scans every live certificate on the only read connection (What bounds us §1)",
+                "p99.9 {} ms, max {} ms with the big store (vs {} / {} ms empty); the store writer's cost per enrollment grows with the store (What bounds us §1–2)",
                 f0(num(v, &["latency_ms", "p999"])),
                 f0(num(v, &["latency_ms", "max"])),
                 f0(empty.as_ref().and_then(|e| num(e, &["latency_ms", "p999"]))),
@@ -510,7 +510,7 @@ fn targets(r: &Results, cf: &BTreeMap<u32, (f64, f64, f64, u64)>) -> Vec<Target>
         what: "cold start ≤ 100 ms (existing data dir → listen.addr)",
         measured: format!("{} ms", f1(cold)),
         verdict: at_most(cold, 100.0, " ms"),
-        bound: "measured on an empty store; with 1,000,000 live certificates cold start takes seconds (CRL built before serving, What bounds us §1)".into(),
+        bound: "measured on an empty store; on a 1.3 M-certificate store it took 0.71 s (7.1 s before ecb0d76, What bounds us §1)".into(),
     });
     let first = st
         .as_ref()
