@@ -428,10 +428,37 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
 
     let socket_path = cfg.admin_socket.clone();
     let stop_on_failure = stop.clone();
+    let stop_seen = stop_rx.clone();
     let task = tokio::spawn(async move {
         let public = tokio::spawn(public);
         let admin = tokio::spawn(admin);
-        let (p, a) = tokio::join!(public, admin);
+        let (public_abort, admin_abort) = (public.abort_handle(), admin.abort_handle());
+        let both = async { tokio::join!(public, admin) };
+        tokio::pin!(both);
+        // Shutdown drains in-flight calls, but an idle or stuck client must
+        // not hold the process: after the grace period the listeners are
+        // aborted and their connections closed.
+        let deadline = async {
+            wait_stop(stop_seen).await;
+            tokio::time::sleep(DRAIN_GRACE).await;
+        };
+        let (p, a) = tokio::select! {
+            r = &mut both => r,
+            () = deadline => {
+                tracing::warn!("connections outlived the drain grace period; closing them");
+                public_abort.abort();
+                admin_abort.abort();
+                both.await
+            }
+        };
+        let p = match p {
+            Err(e) if e.is_cancelled() => Ok(Ok(())),
+            other => other,
+        };
+        let a = match a {
+            Err(e) if e.is_cancelled() => Ok(Ok(())),
+            other => other,
+        };
         // Either listener ending (error or shutdown) stops the other.
         let _ = stop_on_failure.send(true);
         let _ = purger.await;

@@ -585,3 +585,44 @@ fn metrics_and_json_logs_through_the_binary() {
         "no token secret in the log"
     );
 }
+
+/// SIGTERM stops the broker even while an idle client keeps a connection
+/// open: in-flight calls drain, then lingering connections are closed.
+#[test]
+fn sigterm_exits_despite_an_idle_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let child = serve(&data, &dir.path().join("log"));
+    wait_for(&data.join("listen.addr"));
+    wait_for(&data.join("admin.sock"));
+    let addr = std::fs::read_to_string(data.join("listen.addr")).unwrap();
+    let o = sigil(&["status", "--data-dir", data.to_str().unwrap()]);
+    let status = String::from_utf8(o.stdout).unwrap();
+    let pin = status
+        .lines()
+        .find_map(|l| l.strip_prefix("ca_pin:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    // A client that completes the TLS handshake and then says nothing (no
+    // HTTP/2 preface): before the fix, shutdown waited for it forever.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let idle = rt.block_on(async {
+        let cfg = sigil::cli::tls_config(&sigil::cli::Trust::from_pin(&pin).unwrap()).unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr.trim()).await.unwrap();
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+            .connect(
+                rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap()
+    });
+    let t = Instant::now();
+    stop(child);
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    drop(idle);
+}
