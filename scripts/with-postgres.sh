@@ -10,10 +10,13 @@
 # directory owned by the `postgres` user when run as root (initdb and the
 # server refuse to run as root), listens on 127.0.0.1 only, on a free port,
 # with trust authentication, and is stopped and deleted on exit, whatever
-# CMD does. It is a test cluster: fsync is off.
+# CMD does. It is a test cluster: fsync is off, unless SIGIL_PG_DURABLE=1
+# (benchmarks: fsync and synchronous_commit on, as in production).
 #
 # Exports SIGIL_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:PORT/postgres
-# (and PGHOST/PGPORT/PGUSER, so psql works inside CMD).
+# (and PGHOST/PGPORT/PGUSER, so psql works inside CMD), and
+# SIGIL_TEST_POSTGRES_PGCTL: a script that runs this cluster's pg_ctl as the
+# right user with -D set, e.g. `"$SIGIL_TEST_POSTGRES_PGCTL" restart -m fast -w`.
 # Exit status: CMD's, or 1 if the server could not be started.
 set -euo pipefail
 
@@ -102,13 +105,17 @@ port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # Pick a free port; if another process takes it first, the start fails and
 # the next candidate is tried.
+if [[ "${SIGIL_PG_DURABLE:-0}" == 1 ]]; then
+    durability="-c fsync=on -c synchronous_commit=on -c full_page_writes=on"
+else
+    durability="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+fi
 for _ in $(seq 1 20); do
     port=$((20000 + RANDOM % 40000))
     port_in_use "$port" && continue
     if run_pg "$bindir/pg_ctl" -D "$data" -l "$tmp/server.log" -w -t 60 -o "\
             -c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$tmp \
-            -c max_connections=300 -c fsync=off -c synchronous_commit=off \
-            -c full_page_writes=off" start >/dev/null; then
+            -c max_connections=300 $durability" start >/dev/null; then
         started=1
         break
     fi
@@ -122,6 +129,18 @@ log "PostgreSQL $("$bindir/postgres" --version | awk '{print $3}') on 127.0.0.1:
 
 export SIGIL_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$port/postgres"
 export PGHOST=127.0.0.1 PGPORT="$port" PGUSER=postgres
+
+# pg_ctl for this cluster (restart reuses the start options, postmaster.opts).
+pgctl="$tmp/pg_ctl"
+if [[ $EUID -eq 0 ]]; then
+    printf '#!/bin/sh\ncd %q && exec runuser -u postgres -- %q -D %q -l %q "$@"\n' \
+        "$tmp" "$bindir/pg_ctl" "$data" "$tmp/server.log" >"$pgctl"
+else
+    printf '#!/bin/sh\ncd %q && exec %q -D %q -l %q "$@"\n' \
+        "$tmp" "$bindir/pg_ctl" "$data" "$tmp/server.log" >"$pgctl"
+fi
+chmod 755 "$pgctl"
+export SIGIL_TEST_POSTGRES_PGCTL="$pgctl"
 
 set +e
 "$@"
