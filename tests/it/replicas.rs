@@ -402,3 +402,622 @@ async fn killed_replica_and_lost_database_connections_never_double_issue() {
         let _ = p.wait();
     }
 }
+
+// === PostgreSQL restarted mid-load ===
+
+/// Bound on one RPC: above the broker's own limits on a store operation
+/// (statement timeout 5 s, whole operation 11 s), so hitting it means
+/// the broker hung instead of answering.
+const RPC_LIMIT: std::time::Duration = std::time::Duration::from_secs(15);
+/// Pause between two requests of one load worker.
+const PACE: std::time::Duration = std::time::Duration::from_millis(60);
+
+/// Whether the restart test can run: it needs the local PostgreSQL that
+/// `scripts/with-postgres.sh` found (it starts a cluster of its own).
+fn private_cluster_possible() -> bool {
+    if std::env::var_os("SIGIL_TEST_POSTGRES_URL").is_some()
+        && std::env::var_os("SIGIL_TEST_POSTGRES_PGCTL").is_some()
+    {
+        return true;
+    }
+    assert_ne!(
+        std::env::var("CI").as_deref(),
+        Ok("true"),
+        "SIGIL_TEST_POSTGRES_URL or SIGIL_TEST_POSTGRES_PGCTL is unset in CI: run under scripts/with-postgres.sh"
+    );
+    eprintln!(
+        "SKIPPED: PostgreSQL restart test (needs scripts/with-postgres.sh: \
+         SIGIL_TEST_POSTGRES_URL and SIGIL_TEST_POSTGRES_PGCTL)"
+    );
+    false
+}
+
+/// A throwaway PostgreSQL cluster of one test's own, so restarting it does
+/// not disturb the tests sharing the main one: a nested
+/// `scripts/with-postgres.sh` that prints the URL and the pg_ctl wrapper,
+/// then waits for its stdin to close. Dropping this closes it, so the
+/// script stops and deletes the cluster (also when the test panics).
+struct PrivateCluster {
+    child: std::process::Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    url: String,
+    pg_ctl: String,
+}
+
+impl PrivateCluster {
+    /// Blocks until the cluster is up (initdb and start: seconds).
+    fn start() -> Self {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/with-postgres.sh");
+        let mut child = Command::new(script)
+            .args([
+                "sh",
+                "-c",
+                r#"printf '%s\n%s\n' "$SIGIL_TEST_POSTGRES_URL" "$SIGIL_TEST_POSTGRES_PGCTL"; exec cat >/dev/null"#,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run scripts/with-postgres.sh");
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut cluster = Self {
+            child,
+            stdout,
+            url: String::new(),
+            pg_ctl: String::new(),
+        };
+        let mut line = String::new();
+        cluster.stdout.read_line(&mut line).unwrap();
+        cluster.url = line.trim().to_owned();
+        line.clear();
+        cluster.stdout.read_line(&mut line).unwrap();
+        cluster.pg_ctl = line.trim().to_owned();
+        assert!(
+            cluster.url.starts_with("postgres://") && !cluster.pg_ctl.is_empty(),
+            "the private PostgreSQL cluster did not start (see the with-postgres lines above)"
+        );
+        cluster
+    }
+
+    /// Runs the cluster's pg_ctl; returns its stdout.
+    async fn pg_ctl(&self, args: &[&str]) -> String {
+        let out = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            tokio::process::Command::new(&self.pg_ctl)
+                .args(args)
+                .output(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("pg_ctl {args:?} did not finish in 60 s"))
+        .expect("run pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The running server's options (port, sockets, settings) as `pg_ctl
+    /// start -o` takes them: a plain `start` after a `stop` would not reuse
+    /// them, only `restart` does. `pg_ctl status` prints the command line
+    /// recorded in postmaster.opts: the program, then each option quoted.
+    async fn options(&self) -> String {
+        let status = self.pg_ctl(&["status"]).await;
+        let line = status
+            .lines()
+            .find(|l| l.contains(" \""))
+            .unwrap_or_else(|| panic!("no command line in pg_ctl status: {status}"));
+        let (_, opts) = line.split_once(" \"").unwrap();
+        format!("\"{opts}")
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        // End of input: `cat` exits and the script stops and deletes the cluster.
+        drop(self.child.stdin.take());
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_secs(30) {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `sigil serve` processes, killed when dropped; if the test failed, the
+/// end of each one's log is printed.
+struct ServeProcs {
+    procs: Vec<std::process::Child>,
+    logs: Vec<std::path::PathBuf>,
+}
+
+impl ServeProcs {
+    /// Starts `n` replicas on `url`, each with a data dir under `dir`;
+    /// returns them with their public addresses. One after another (a
+    /// rolling start): replicas booting together on an empty database were
+    /// seen serving different CAs, a separate problem from this test's.
+    async fn start(dir: &std::path::Path, url: &str, n: usize) -> (Self, Vec<String>) {
+        let mut s = Self {
+            procs: Vec::new(),
+            logs: Vec::new(),
+        };
+        let mut addrs = Vec::new();
+        for i in 0..n {
+            let data = dir.join(format!("r{i}"));
+            let log = dir.join(format!("r{i}.log"));
+            let child = std::process::Command::new(env!("CARGO_BIN_EXE_sigil"))
+                .args(["serve", "--data-dir", data.to_str().unwrap()])
+                .args(["--listen", "127.0.0.1:0", "--store", url])
+                .env("SIGIL_KEK", KEK)
+                .env("SIGIL_LOG", "warn")
+                .env("NO_COLOR", "1")
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            s.procs.push(child);
+            s.logs.push(log);
+            let t = std::time::Instant::now();
+            while !data.join("admin.sock").exists() {
+                assert!(s.alive(i), "replica {i} exited at start");
+                assert!(t.elapsed().as_secs() < 30, "replica {i} did not start");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            let addr = std::fs::read_to_string(data.join("listen.addr")).unwrap();
+            addrs.push(addr.trim().to_owned());
+        }
+        (s, addrs)
+    }
+
+    fn alive(&mut self, i: usize) -> bool {
+        matches!(self.procs[i].try_wait(), Ok(None))
+    }
+}
+
+impl Drop for ServeProcs {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        if std::thread::panicking() {
+            for log in &self.logs {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(10)..].join("\n");
+                eprintln!("--- last lines of {}:\n{tail}", log.display());
+            }
+        }
+    }
+}
+
+/// The outcome of one enrollment request.
+#[derive(Debug, Clone)]
+enum Outcome {
+    Enrolled {
+        serial: String,
+        retried: bool,
+        jwt: String,
+    },
+    Refused {
+        code: tonic::Code,
+        reason: String,
+    },
+    /// No answer within [`RPC_LIMIT`].
+    Hung,
+}
+
+/// One enrollment request of the load.
+#[derive(Debug)]
+struct Attempt {
+    token: usize,
+    replica: usize,
+    start: std::time::Instant,
+    end: std::time::Instant,
+    outcome: Outcome,
+}
+
+fn serial_of(der: &[u8]) -> String {
+    hex::encode(
+        x509_parser::parse_x509_certificate(der)
+            .unwrap()
+            .1
+            .raw_serial(),
+    )
+}
+
+/// Enrolls `id` with `key` once, bounded by [`RPC_LIMIT`].
+async fn enroll_once(
+    c: &pb::identity_client::IdentityClient<tonic::transport::Channel>,
+    (id, secret): &(String, sigil::token::TokenSecret),
+    key: &rcgen::KeyPair,
+    aud: &[&str],
+) -> Outcome {
+    let csr = csr_for(key);
+    let now = sigil::clock::Clock::now_ms(&sigil::clock::SystemClock);
+    let req = enroll_req(id, secret, &csr, now, aud);
+    match tokio::time::timeout(RPC_LIMIT, c.clone().enroll(req)).await {
+        Err(_) => Outcome::Hung,
+        Ok(Ok(r)) => {
+            let r = r.into_inner();
+            Outcome::Enrolled {
+                serial: serial_of(&r.x509_svid_chain[0]),
+                retried: r.retried,
+                jwt: r.jwt_svid,
+            }
+        }
+        Ok(Err(e)) => Outcome::Refused {
+            code: e.code(),
+            reason: reason(&e),
+        },
+    }
+}
+
+/// A clean outage answer: gRPC UNAVAILABLE with ErrorInfo reason UNAVAILABLE.
+fn is_clean_unavailable(o: &Outcome) -> bool {
+    matches!(o, Outcome::Refused { code, reason } if *code == tonic::Code::Unavailable && reason == "UNAVAILABLE")
+}
+
+/// Issue #6: PostgreSQL restarted mid-load. Three `sigil serve` replicas on
+/// a cluster of this test's own, under continuous enrollment load (one-use
+/// tokens, each retried with the same key until it succeeds); the server is
+/// stopped for about a second and started again. While it is down every
+/// request fails fast and cleanly (UNAVAILABLE, never INTERNAL or a hang);
+/// after, requests succeed again, each token was issued exactly once, the
+/// replicas are alive and healthy, and their change listeners reconnected
+/// (a revocation on one reaches the others through NOTIFY).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_mid_load_fails_cleanly_and_recovers() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    if !private_cluster_possible() {
+        return;
+    }
+    let test_start = Instant::now();
+    let cluster = tokio::task::spawn_blocking(PrivateCluster::start)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    const N: usize = 3;
+    let (mut procs, addrs) = ServeProcs::start(dir.path(), &cluster.url, N).await;
+    let mut admins = Vec::new();
+    let mut pins = Vec::new();
+    for i in 0..N {
+        let socket = dir.path().join(format!("r{i}/admin.sock"));
+        let mut admin =
+            pb::admin_client::AdminClient::new(sigil::cli::connect_admin(socket).await.unwrap());
+        let status = admin.get_status(pb::GetStatusRequest {}).await.unwrap();
+        pins.push(status.into_inner().ca_pin);
+        admins.push(admin);
+    }
+    assert!(pins.iter().all(|p| p == &pins[0]), "one CA: {pins:?}");
+    let trust = sigil::cli::Trust::from_pin(&pins[0]).unwrap();
+    let mut clients = Vec::new();
+    for addr in &addrs {
+        let ch = sigil::cli::connect_tls(
+            &format!("https://{addr}"),
+            sigil::cli::tls_config(&trust).unwrap(),
+        )
+        .await
+        .unwrap();
+        clients.push(pb::identity_client::IdentityClient::new(ch));
+    }
+    let create = |admin: usize, spiffe_id: &str| {
+        let mut a = admins[admin].clone();
+        let req = pb::CreateEnrollmentTokenRequest {
+            spiffe_id: spiffe_id.into(),
+            ttl_seconds: 0,
+            max_uses: 1,
+        };
+        async move {
+            let t = a.create_enrollment_token(req).await.unwrap().into_inner();
+            sigil::token::parse_token(&t.token).unwrap()
+        }
+    };
+    // Enough tokens that the load outlasts the outage on a fast machine.
+    let creating: Vec<_> = (0..100).map(|i| tokio::spawn(create(i % N, ID))).collect();
+    let mut tokens = Vec::new();
+    for c in creating {
+        tokens.push(c.await.unwrap());
+    }
+    let probe = create(0, ID).await;
+    let web = create(0, "spiffe://sigil.local/web").await;
+    let tokens = Arc::new(tokens);
+    let booted = test_start.elapsed();
+
+    // The load: four workers take the tokens in turn; each token goes to
+    // replica (i + attempt) % N, retried with the same key until enrolled.
+    let next = Arc::new(AtomicUsize::new(0));
+    let enrolled = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (tokens, next, enrolled) = (tokens.clone(), next.clone(), enrolled.clone());
+        let clients = clients.clone();
+        workers.push(tokio::spawn(async move {
+            let mut log = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= tokens.len() {
+                    return log;
+                }
+                let (key, _) = key_and_csr();
+                for attempt in 0.. {
+                    let replica = (i + attempt) % clients.len();
+                    let start = Instant::now();
+                    let outcome = enroll_once(&clients[replica], &tokens[i], &key, &[]).await;
+                    let done = matches!(outcome, Outcome::Enrolled { .. });
+                    log.push(Attempt {
+                        token: i,
+                        replica,
+                        start,
+                        end: Instant::now(),
+                        outcome,
+                    });
+                    tokio::time::sleep(PACE).await;
+                    if done {
+                        enrolled.fetch_add(1, Ordering::SeqCst);
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+
+    // Mid-load: stop the server, check it is observed, start it again.
+    let t = Instant::now();
+    while enrolled.load(Ordering::SeqCst) < 8 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no load before the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let options = cluster.options().await;
+    let stop_begin = Instant::now();
+    cluster.pg_ctl(&["stop", "-m", "fast", "-w"]).await;
+    let stopped = Instant::now();
+    // Requests while the server is down, on every replica: an enrollment
+    // and an admin token listing.
+    let probe_key = key_and_csr().0;
+    for (i, c) in clients.iter().enumerate() {
+        let o = enroll_once(c, &probe, &probe_key, &[]).await;
+        assert!(
+            is_clean_unavailable(&o),
+            "replica {i} with the database down: {o:?}"
+        );
+        let listing = tokio::time::timeout(
+            RPC_LIMIT,
+            admins[i]
+                .clone()
+                .list_enrollment_tokens(pb::ListEnrollmentTokensRequest {}),
+        )
+        .await
+        .expect("a token listing hung with the database down");
+        let e = listing.expect_err("tokens listed with the database down");
+        assert_eq!(
+            (e.code(), reason(&e).as_str()),
+            (tonic::Code::Unavailable, "UNAVAILABLE"),
+            "replica {i}: {e:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let start_begin = Instant::now();
+    cluster.pg_ctl(&["start", "-w", "-o", &options]).await;
+    let started = Instant::now();
+
+    let logs = tokio::time::timeout(Duration::from_secs(40), async {
+        let mut all = Vec::new();
+        for w in workers {
+            all.extend(w.await.unwrap());
+        }
+        all
+    })
+    .await
+    .expect("the load did not finish: enrollments did not recover after the restart");
+
+    // Every answer was a certificate or a clean UNAVAILABLE; none hung.
+    for a in &logs {
+        assert!(
+            matches!(a.outcome, Outcome::Enrolled { .. }) || is_clean_unavailable(&a.outcome),
+            "token {} on replica {}: {:?}",
+            a.token,
+            a.replica,
+            a.outcome
+        );
+        // Before the outage, everything succeeded.
+        if a.end < stop_begin {
+            assert!(matches!(a.outcome, Outcome::Enrolled { .. }), "{a:?}");
+        }
+        // While the server was down, nothing did.
+        if a.start > stopped && a.end < start_begin {
+            assert!(is_clean_unavailable(&a.outcome), "{a:?}");
+        }
+    }
+    let failed = logs
+        .iter()
+        .filter(|a| is_clean_unavailable(&a.outcome))
+        .count();
+    let failed_down = logs
+        .iter()
+        .filter(|a| a.start > stopped && a.end < start_begin)
+        .count();
+    assert!(failed_down > 0, "no load request hit the stopped server");
+    // Success again within 10 s of the server being back.
+    let recovered = logs
+        .iter()
+        .filter(|a| a.start >= started && matches!(a.outcome, Outcome::Enrolled { .. }))
+        .map(|a| a.end)
+        .min()
+        .expect("no enrollment succeeded after the restart");
+    let recovery = recovered - started;
+    assert!(
+        recovery < Duration::from_secs(10),
+        "recovered after {recovery:?}"
+    );
+    let retried = logs
+        .iter()
+        .filter(|a| matches!(a.outcome, Outcome::Enrolled { retried: true, .. }))
+        .count();
+
+    // One certificate per token in the database, the one its client holds.
+    let (pg, conn) = tokio_postgres::connect(&cluster.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut serials = std::collections::HashMap::new();
+    for a in &logs {
+        if let Outcome::Enrolled { serial, .. } = &a.outcome {
+            let first = serials
+                .entry(tokens[a.token].0.clone())
+                .or_insert(serial.clone());
+            assert_eq!(first, serial, "token {} got two certificates", a.token);
+        }
+    }
+    assert_eq!(serials.len(), tokens.len(), "every token enrolled");
+    let rows = pg
+        .query(
+            "SELECT token_id, count(*), min(serial) FROM issued WHERE token_id IS NOT NULL GROUP BY token_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        rows.len(),
+        tokens.len(),
+        "one issued row per enrolled token"
+    );
+    for r in rows {
+        let id: String = r.get(0);
+        assert_eq!(r.get::<_, i64>(1), 1, "token {id} issued twice");
+        assert_eq!(Some(&r.get::<_, String>(2)), serials.get(&id), "token {id}");
+    }
+
+    // A consumed token stays consumed: refused with another key, everywhere
+    // (the first token, and one whose enrollment met the outage).
+    let hit = logs
+        .iter()
+        .find(|a| is_clean_unavailable(&a.outcome))
+        .map_or(0, |a| a.token);
+    for i in [0, hit] {
+        for (r, c) in clients.iter().enumerate() {
+            let o = enroll_once(c, &tokens[i], &key_and_csr().0, &[]).await;
+            assert!(
+                matches!(&o, Outcome::Refused { reason, .. } if reason == "TOKEN_ALREADY_USED"),
+                "token {i} again on replica {r}: {o:?}"
+            );
+        }
+    }
+
+    // The replicas are alive and serve health.
+    for (i, addr) in addrs.iter().enumerate() {
+        assert!(procs.alive(i), "replica {i} exited");
+        let ch = sigil::cli::connect_tls(
+            &format!("https://{addr}"),
+            sigil::cli::tls_config(&trust).unwrap(),
+        )
+        .await
+        .unwrap();
+        let health = tonic_health::pb::health_client::HealthClient::new(ch)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            health.status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving
+        );
+    }
+
+    // The change listeners reconnected (after backoff: 100 ms, doubling) ...
+    let t = Instant::now();
+    loop {
+        let listening: i64 = pg
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name = 'sigil-listener' AND state = 'idle' \
+                 AND query LIKE 'LISTEN%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if listening == N as i64 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "{listening} of {N} change listeners reconnected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let listeners_back = started.elapsed();
+    // ... and carry changes again: a SPIFFE-ID revocation on replica 0
+    // reaches the JWT validation of the others well before their 5 s resync.
+    let jwt = loop {
+        match enroll_once(&clients[0], &web, &key_and_csr().0, &["a"]).await {
+            Outcome::Enrolled { jwt, .. } => break jwt,
+            o => assert!(is_clean_unavailable(&o), "{o:?}"),
+        }
+    };
+    let validate = |c: &pb::identity_client::IdentityClient<tonic::transport::Channel>| {
+        let mut c = c.clone();
+        let req = pb::ValidateJwtRequest {
+            token: jwt.clone(),
+            audience: "a".into(),
+        };
+        async move {
+            tokio::time::timeout(RPC_LIMIT, c.validate_jwt(req))
+                .await
+                .expect("JWT validation hung")
+        }
+    };
+    for c in &clients[1..] {
+        validate(c).await.unwrap();
+    }
+    admins[0]
+        .revoke_identity(pb::RevokeIdentityRequest {
+            kind: "spiffe_id".into(),
+            value: "spiffe://sigil.local/web".into(),
+            reason: "t".into(),
+        })
+        .await
+        .unwrap();
+    let t = Instant::now();
+    for (i, c) in clients.iter().enumerate().skip(1) {
+        loop {
+            if let Err(e) = validate(c).await {
+                assert_eq!(reason(&e), "SVID_REVOKED", "replica {i}");
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "revocation not propagated to replica {i} within 2 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let propagated = t.elapsed();
+    for i in 0..N {
+        assert!(procs.alive(i), "replica {i} exited");
+    }
+    eprintln!(
+        "postgres restart: booted in {booted:?}; {} requests, {failed} UNAVAILABLE \
+         ({failed_down} while stopped), {retried} same-key retries answered with the \
+         first certificate; down {:?}, enrollments back {recovery:?} and listeners \
+         {listeners_back:?} after the start; revocation propagated in {propagated:?}; \
+         total {:?}",
+        logs.len(),
+        started - stop_begin,
+        test_start.elapsed()
+    );
+}
