@@ -55,6 +55,11 @@ use crate::audit::{self, AuditRecord, AuditRow, GENESIS_HASH};
 /// failing with `SQLITE_BUSY`.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Prepared statements kept per connection. The writer alone runs more than
+/// rusqlite's default of 16 distinct statements; an evicted one is parsed
+/// again on its next use.
+const STATEMENT_CACHE: usize = 128;
+
 /// Schema migrations; `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
 /// Append new entries, never edit old ones.
 const MIGRATIONS: &[&str] = &[
@@ -179,6 +184,8 @@ const TOKEN_COLUMNS: &str =
     "token_id, spiffe_id, created_at_ms, expires_at_ms, max_uses, uses, revoked_at_ms";
 const ISSUED_COLUMNS: &str =
     "serial, token_id, spiffe_id, spki_sha256, issued_at_ms, not_after_ms, der, ca_gen, origin, node";
+/// How many columns [`ISSUED_COLUMNS`] names.
+const ISSUED_COLUMN_COUNT: usize = 10;
 const AUDIT_COLUMNS: &str = "seq, time_ms, kind, outcome, fields_json, prev_hash, hash";
 
 /// Tuning for [`SqliteStore`].
@@ -752,6 +759,7 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "query_only", "ON")?;
     Ok(conn)
@@ -765,6 +773,7 @@ fn open_writer_conn(path: &Path) -> Result<Connection, StoreError> {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::Unavailable(format!(
@@ -1008,6 +1017,13 @@ impl Done {
     }
 }
 
+/// Runs one parameterless statement through the statement cache: the
+/// writer's transaction control runs several times per batch, and parsing
+/// it each time (`execute_batch`) was a measurable share of its CPU.
+fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
+}
+
 /// Owns the write connection and the in-memory audit chain head.
 struct Writer {
     conn: Connection,
@@ -1045,7 +1061,7 @@ impl Writer {
     /// Applies `ops` in one transaction, commits, then replies to each.
     fn run_batch(&mut self, ops: Vec<Op>) {
         let start_head = self.head.clone();
-        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+        if let Err(e) = exec_cached(&self.conn, "BEGIN IMMEDIATE") {
             tracing::error!(error = %e, ops = ops.len(), "store batch could not begin");
             for op in ops {
                 op.fail("could not begin transaction").send();
@@ -1057,7 +1073,7 @@ impl Writer {
         let mut aborted = None;
         for op in ops.by_ref() {
             let before = self.head.clone();
-            if let Err(e) = self.conn.execute_batch("SAVEPOINT op") {
+            if let Err(e) = exec_cached(&self.conn, "SAVEPOINT op") {
                 aborted = Some(e.to_string());
                 done.push(op.fail("transaction aborted"));
                 break;
@@ -1072,14 +1088,12 @@ impl Writer {
                     // error, disk full): earlier ops of the batch are lost too.
                     Err("transaction rolled back by SQLite".to_owned())
                 } else {
-                    self.conn
-                        .execute_batch("ROLLBACK TO op; RELEASE op")
+                    exec_cached(&self.conn, "ROLLBACK TO op")
+                        .and_then(|()| exec_cached(&self.conn, "RELEASE op"))
                         .map_err(|e| e.to_string())
                 }
             } else {
-                self.conn
-                    .execute_batch("RELEASE op")
-                    .map_err(|e| e.to_string())
+                exec_cached(&self.conn, "RELEASE op").map_err(|e| e.to_string())
             };
             if let Err(e) = end {
                 aborted = Some(e);
@@ -1097,7 +1111,7 @@ impl Writer {
             return;
         }
         let committing = std::time::Instant::now();
-        let commit = self.conn.execute_batch("COMMIT");
+        let commit = exec_cached(&self.conn, "COMMIT");
         let m = crate::metrics::global();
         m.observe(
             "sigil_store_commit_seconds",
@@ -1254,14 +1268,30 @@ fn valid_cert_for_key(
     spki_sha256: &str,
     now_ms: i64,
 ) -> rusqlite::Result<Option<IssuedCert>> {
+    // No range term on `not_after_ms` in SQL: with one, SQLite re-prepares
+    // the statement on every new bound value (a parse per redemption). The
+    // index gives the few rows of this (token, key); the newest valid one
+    // wins, ties broken by the later insert, as an `ORDER BY` would.
     let sql = format!(
-        "SELECT {ISSUED_COLUMNS} FROM issued \
-         WHERE token_id = ?1 AND spki_sha256 = ?2 AND not_after_ms > ?3 \
-         ORDER BY issued_at_ms DESC, rowid DESC LIMIT 1"
+        "SELECT {ISSUED_COLUMNS}, rowid FROM issued WHERE token_id = ?1 AND spki_sha256 = ?2"
     );
-    conn.prepare_cached(&sql)?
-        .query_row(params![token_id, spki_sha256, now_ms], issued_from_row)
-        .optional()
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut rows = stmt.query(params![token_id, spki_sha256])?;
+    let mut best: Option<(i64, i64, IssuedCert)> = None;
+    while let Some(row) = rows.next()? {
+        let cert = issued_from_row(row)?;
+        if cert.not_after_ms <= now_ms {
+            continue;
+        }
+        let rowid: i64 = row.get(ISSUED_COLUMN_COUNT)?;
+        let newer = best
+            .as_ref()
+            .is_none_or(|(at, id, _)| (cert.issued_at_ms, rowid) > (*at, *id));
+        if newer {
+            best = Some((cert.issued_at_ms, rowid, cert));
+        }
+    }
+    Ok(best.map(|(_, _, c)| c))
 }
 
 /// Links `audit` to the chain head and inserts it; advances the head.
