@@ -8,8 +8,12 @@
 #   --quick   3 s runs, 100,000-row prefill, 2 startup runs (a smoke test, ~6 min)
 # env: BENCH_DURATION (10s), BENCH_STORE_DURATION (40s), BENCH_PREFILL (1000000),
 #      BENCH_RESULTS (target/bench-results),
-#      BENCH_CFSSL (1; 0 skips the CFSSL peer), BENCH_CRITERION (1; 0 skips cargo bench)
+#      BENCH_CFSSL (1; 0 skips the CFSSL peer), BENCH_CRITERION (1; 0 skips cargo bench),
+#      BENCH_PG (1; 0 skips ha-postgres, which runs under scripts/with-postgres.sh)
 # Raw results (JSON per run, SVG latency plots, cfssl.txt) stay in $BENCH_RESULTS.
+# sigil-bench is built with --features test-support (the generated Nitro PKI and
+# OIDC issuer of enroll-nitro / enroll-oidc); the sigil binary measured for
+# startup and RSS is built without it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +31,7 @@ CONCS="1 8 64 256"
 B=target/release/sigil-bench
 SIGIL=target/release/sigil
 CFSSL_PEER=../shared/bench/cfssl-peer.sh
+ATTEST_CONCS="8 64"
 
 log() { printf '\n== %s ==\n' "$*" >&2; }
 now() { date -u '+%Y-%m-%d %H:%M:%S UTC'; }
@@ -40,7 +45,10 @@ run() {
 rps_of() { sed -n 's/^  "rps": \([0-9.]*\),*$/\1/p' "$1"; }
 
 log "build (release)"
-cargo build --release --locked --bin sigil --bin sigil-bench
+# Two builds: the feature only compiles sigil::attest::testing (evidence
+# generators) into sigil-bench; the broker binary stays the default build.
+cargo build --release --locked --bin sigil
+cargo build --release --locked --features test-support --bin sigil-bench
 mkdir -p "$R"
 rm -f "$R"/*.json "$R"/*.svg "$R"/cfssl.txt
 STARTED=$(now)
@@ -69,6 +77,10 @@ log "renew and fetch-jwt (mTLS, one connection per client)"
 for c in $CONCS; do run "renew-c$c.json" renew -c "$c" -d "$DUR"; done
 for c in $CONCS; do run "fetchjwt-c$c.json" fetch-jwt -c "$c" -d "$DUR"; done
 
+log "attestation enrollment: enroll-nitro and enroll-oidc (generated test PKI / issuer)"
+for c in $ATTEST_CONCS; do run "nitro-c$c.json" enroll-nitro -c "$c" -d "$DUR"; done
+for c in $ATTEST_CONCS; do run "oidc-c$c.json" enroll-oidc -c "$c" -d "$DUR"; done
+
 log "latency at half of peak throughput (open loop, 64 clients)"
 for jwt in off on; do
   peak=0
@@ -83,6 +95,21 @@ done
 log "large store: empty vs $PREFILL prefilled rows (64 clients, no JWT, $STORE_DUR)"
 run store-empty.json enroll-token -c 64 -d "$STORE_DUR"
 run store-prefill.json enroll-token -c 64 -d "$STORE_DUR" --prefill "$PREFILL"
+
+if [[ "${BENCH_PG:-1}" == 1 ]]; then
+  # fsync and synchronous_commit on, like the fsynced SQLite runs (the test
+  # cluster's default is fsync off). A fresh database per replica count.
+  log "ha-postgres: 1 vs 3 replicas on one PostgreSQL (fsync on), 64 clients, no JWT"
+  rc=0
+  SIGIL_PG_DURABLE=1 scripts/with-postgres.sh "$B" ha-postgres -c 64 -d "$DUR" --replicas 1,3 \
+      --json --plot "$R/ha-pg-c64.svg" > "$R/ha-pg-c64.json" || rc=$?
+  if [[ $rc -ne 0 && $rc -ne 3 ]]; then
+    echo "ha-postgres failed (exit $rc); the report will say not measured" >&2
+    rm -f "$R/ha-pg-c64.json"
+  fi
+else
+  echo "skipping ha-postgres (BENCH_PG=0)" >&2
+fi
 
 log "real binary as a separate process: loaded RSS"
 D=$(mktemp -d)

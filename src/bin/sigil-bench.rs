@@ -7,12 +7,20 @@
 //! ratio to the crypto floor measured in the same run. `floor`, `startup`
 //! and `report` measure the crypto floor, the real binary's startup, and
 //! regenerate BENCHMARKS.md. See BENCHMARKS.md and `scripts/bench.sh`.
+//!
+//! `enroll-nitro` and `enroll-oidc` need evidence generators that only a
+//! build with `--features test-support` contains (see `attest.rs`); other
+//! builds accept the names and exit 2 saying how to build them.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+#[path = "sigil-bench/attest.rs"]
+mod attest;
 #[path = "sigil-bench/floor.rs"]
 mod floor;
+#[path = "sigil-bench/ha.rs"]
+mod ha;
 #[path = "sigil-bench/load.rs"]
 mod load;
 #[path = "sigil-bench/prefill.rs"]
@@ -41,12 +49,16 @@ pub const EXIT_REQUEST_ERRORS: i32 = 3;
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 success; 1 the benchmark could not run; 2 bad usage or a scenario \
-not available in this build yet; 3 the run completed but some requests failed.
+this build leaves out (enroll-nitro and enroll-oidc need --features test-support); \
+3 the run completed but some requests failed.
 
 Examples:
   sigil-bench enroll-token -c 64 -d 10s                 in-process broker, no JWT
   sigil-bench enroll-token -c 64 --jwt --plot lat.svg   with a JWT-SVID, latency plot
   sigil-bench fresh-connection -c 8 -n 5000             a new TLS connection per enrollment
+  sigil-bench enroll-nitro -c 64                        Nitro attestation (build with --features test-support)
+  SIGIL_PG_DURABLE=1 scripts/with-postgres.sh sigil-bench ha-postgres -c 64
+                                                        1 vs 3 replicas on one PostgreSQL
   sigil-bench enroll-token -c 256 --broker https://127.0.0.1:8443 \\
       --admin-socket ./sigil-data/admin.sock --broker-pid $(pidof sigil)
   sigil-bench floor                                     crypto floor on this machine
@@ -83,13 +95,17 @@ enum Cmd {
     Renew(LoadArgs),
     /// JWT-SVID fetch (`FetchJWT`) over one mTLS connection per client.
     FetchJwt(LoadArgs),
-    /// [pending] enrollment with an AWS Nitro Enclaves attestation document.
-    EnrollNitro(PendingArgs),
-    /// [pending] enrollment with a CI/Kubernetes OIDC token.
-    EnrollOidc(PendingArgs),
-    /// [pending] enroll-token against 3 broker replicas on one PostgreSQL.
+    /// Enrollment with an AWS Nitro Enclaves attestation document from a PKI
+    /// generated for the run: GetChallenge, then Enroll with a document signed
+    /// over the challenge (needs a build with --features test-support).
+    EnrollNitro(LoadArgs),
+    /// Enrollment with a GitHub-Actions-style RS256 OIDC token from an issuer
+    /// generated for the run, a fresh jti each (needs --features test-support).
+    EnrollOidc(LoadArgs),
+    /// enroll-token against 1, then 3, in-process broker replicas sharing one
+    /// PostgreSQL (a fresh database per run), clients round-robin.
     #[command(name = "ha-postgres")]
-    HaPostgres(PendingArgs),
+    HaPostgres(HaArgs),
 }
 
 /// Flags of the load scenarios.
@@ -115,7 +131,9 @@ pub struct LoadArgs {
     /// latency counts from the scheduled start, so queueing is not hidden.
     #[arg(long, value_name = "PER_SECOND")]
     pub rate: Option<f64>,
-    /// One-use tokens to pre-create for the timed phase [default: warm-up rate × duration × 1.3].
+    /// Requests (one-use tokens, CSRs, OIDC tokens) to prepare for the timed
+    /// phase [default: warm-up rate × duration × 1.3; × 1.6 on PostgreSQL, × 2
+    /// for the attestation scenarios].
     #[arg(long)]
     pub tokens: Option<usize>,
     /// Trust domain of the SPIFFE IDs the tokens are created for (external broker).
@@ -229,11 +247,23 @@ pub struct ReportArgs {
     pub criterion: PathBuf,
 }
 
-/// Arguments of a scenario this build cannot run yet (accepted and ignored).
+/// Flags of `ha-postgres`.
 #[derive(Debug, Clone, Args)]
-pub struct PendingArgs {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
+pub struct HaArgs {
+    /// The PostgreSQL server; each run creates an empty database on it and
+    /// drops it afterwards (the user needs CREATEDB). Never printed.
+    #[arg(
+        long,
+        value_name = "postgres://…",
+        env = "SIGIL_TEST_POSTGRES_URL",
+        hide_env_values = true
+    )]
+    pub store: Option<String>,
+    /// Replica counts, run one after the other.
+    #[arg(long, value_name = "N,N", value_delimiter = ',', default_value = "1,3")]
+    pub replicas: Vec<usize>,
+    #[command(flatten)]
+    pub load: LoadArgs,
 }
 
 /// Parses `10s`, `500ms`, `2m`, `1.5s` or a bare number of seconds.
@@ -312,12 +342,19 @@ pub fn make_private_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn pending(name: &str, needs: &str) -> i32 {
-    eprintln!(
-        "sigil-bench: scenario `{name}` is not available in this build yet (needs {needs}); \
-         see BENCHMARKS.md, \"Pending scenarios\""
-    );
-    2
+/// An attestation scenario, or exit 2 when this build has no generator.
+fn attest_scenario(a: &LoadArgs, mode: load::Mode) -> anyhow::Result<i32> {
+    if !attest::AVAILABLE {
+        eprintln!(
+            "sigil-bench: `{}` needs the generated test Nitro PKI / OIDC issuer, which this build \
+             leaves out; build it with `{}` (the feature only adds those generators: the broker's \
+             trust store is unchanged)",
+            mode.scenario(),
+            attest::HOW_TO_BUILD
+        );
+        return Ok(2);
+    }
+    load::run(a, mode)
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
@@ -328,7 +365,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             if !(a.secs > 0.0 && a.secs.is_finite()) {
                 anyhow::bail!("--secs must be positive");
             }
-            let f = floor::measure(a.secs)?;
+            let f = floor::measure(a.secs, attest::AVAILABLE)?;
             if a.json {
                 let mut j = f.to_json();
                 j["date"] = procstat::utc_now().into();
@@ -343,18 +380,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Report(a) => report::run(&a),
         Cmd::Renew(a) => load::run(&a, load::Mode::Renew),
         Cmd::FetchJwt(a) => load::run(&a, load::Mode::FetchJwt),
-        Cmd::EnrollNitro(_) => Ok(pending(
-            "enroll-nitro",
-            "a Nitro attestation document source and a plan that trusts it; sigil-bench does not build them yet",
-        )),
-        Cmd::EnrollOidc(_) => Ok(pending(
-            "enroll-oidc",
-            "an OIDC issuer that the broker's plan trusts; sigil-bench does not set one up yet",
-        )),
-        Cmd::HaPostgres(_) => Ok(pending(
-            "ha-postgres",
-            "a PostgreSQL server and 3 broker replicas; sigil-bench does not orchestrate them yet",
-        )),
+        Cmd::EnrollNitro(a) => attest_scenario(&a, load::Mode::Nitro),
+        Cmd::EnrollOidc(a) => attest_scenario(&a, load::Mode::Oidc),
+        Cmd::HaPostgres(a) => ha::run(&a),
     }
 }
 
@@ -396,11 +424,53 @@ mod tests {
     }
 
     #[test]
-    fn pending_scenarios_parse_any_flags() {
+    fn attestation_and_ha_scenarios_take_the_load_flags() {
         let cli = Cli::try_parse_from(["sigil-bench", "enroll-nitro", "-c", "8", "--jwt"]);
-        assert!(matches!(cli.map(|c| c.cmd), Ok(Cmd::EnrollNitro(_))));
-        let cli = Cli::try_parse_from(["sigil-bench", "ha-postgres"]);
-        assert!(matches!(cli.map(|c| c.cmd), Ok(Cmd::HaPostgres(_))));
+        match cli.map(|c| c.cmd) {
+            Ok(Cmd::EnrollNitro(a)) => assert!(a.concurrency == 8 && a.jwt),
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["sigil-bench", "enroll-oidc", "-d", "3s"]);
+        match cli.map(|c| c.cmd) {
+            Ok(Cmd::EnrollOidc(a)) => assert_eq!(a.duration, Duration::from_secs(3)),
+            other => panic!("{other:?}"),
+        }
+        // Unknown flags are refused now that the scenarios exist.
+        assert!(Cli::try_parse_from(["sigil-bench", "enroll-nitro", "--bogus"]).is_err());
+
+        let cli = Cli::try_parse_from(["sigil-bench", "ha-postgres", "-c", "64"]);
+        match cli.map(|c| c.cmd) {
+            Ok(Cmd::HaPostgres(h)) => {
+                assert_eq!(h.replicas, vec![1, 3]);
+                assert_eq!(h.load.concurrency, 64);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from([
+            "sigil-bench",
+            "ha-postgres",
+            "--store",
+            "postgres://u@127.0.0.1/db",
+            "--replicas",
+            "1,2,3",
+        ]);
+        match cli.map(|c| c.cmd) {
+            Ok(Cmd::HaPostgres(h)) => {
+                assert_eq!(h.replicas, vec![1, 2, 3]);
+                assert_eq!(h.store.as_deref(), Some("postgres://u@127.0.0.1/db"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn attestation_scenarios_without_the_feature_exit_2() {
+        if attest::AVAILABLE {
+            return;
+        }
+        let cli =
+            Cli::try_parse_from(["sigil-bench", "enroll-oidc"]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(run(cli).unwrap_or(0), 2);
     }
 
     #[test]

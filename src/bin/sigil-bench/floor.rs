@@ -3,6 +3,10 @@
 //! HMAC, sigil::ca for CSR checks, X.509 signing and ES256 JWTs, all on
 //! aws-lc-rs). The floor is an upper bound for throughput: a broker that did
 //! nothing but this crypto, on every core, with perfect scaling.
+//!
+//! With the `test-support` feature it also measures the attestation
+//! verifiers (`NitroAttestor::attest`, `OidcAttestor::attest`) on generated
+//! evidence, and what producing that evidence costs the load generator.
 
 use std::{
     hint::black_box,
@@ -19,7 +23,7 @@ use sigil::{
     token::{self, TokenKey},
 };
 
-use crate::procstat;
+use crate::{attest::AttestCosts, procstat};
 
 /// Per-operation costs and the floor derived from them.
 #[derive(Debug, Clone)]
@@ -43,6 +47,8 @@ pub struct Floor {
     /// One 4 KiB append + fsync in the temp dir (where the in-process broker's
     /// store lives), µs: the durability cost a commit pays (not CPU).
     pub fsync_4k_us: Option<f64>,
+    /// The attestation verifiers and evidence generators (when measured).
+    pub attest: AttestCosts,
 }
 
 /// Which request the floor is for.
@@ -55,27 +61,44 @@ pub enum Kind {
     Renew,
     /// JWT-SVID fetch over mTLS: one ES256 signature.
     FetchJwt,
+    /// Nitro enrollment: CSR verify + document verify + sign [+ JWT]
+    /// (GetChallenge has no crypto).
+    Nitro,
+    /// OIDC enrollment: CSR verify + RS256 token verify + sign [+ JWT].
+    Oidc,
 }
 
 impl Floor {
     /// Per-enrollment crypto time on one core, µs (proof check + CSR verify + sign [+ JWT]).
     pub fn per_enroll_us(&self, jwt: bool) -> f64 {
-        self.per_request_us(Kind::Enroll, jwt)
+        self.proof_check_us + self.csr_verify_us + self.x509_sign_us + self.jwt_us(jwt)
     }
 
-    /// Crypto time of one request of `kind` on one core, µs.
-    pub fn per_request_us(&self, kind: Kind, jwt: bool) -> f64 {
-        let jwt = if jwt { self.jwt_mint_us } else { 0.0 };
+    fn jwt_us(&self, jwt: bool) -> f64 {
+        if jwt {
+            self.jwt_mint_us
+        } else {
+            0.0
+        }
+    }
+
+    /// Crypto time of one request of `kind` on one core, µs (`None` when an
+    /// attestation verifier was not measured).
+    pub fn per_request_us(&self, kind: Kind, jwt: bool) -> Option<f64> {
+        let issue = self.csr_verify_us + self.x509_sign_us + self.jwt_us(jwt);
         match kind {
-            Kind::Enroll => self.proof_check_us + self.csr_verify_us + self.x509_sign_us + jwt,
-            Kind::Renew => self.csr_verify_us + self.x509_sign_us + jwt,
-            Kind::FetchJwt => self.jwt_mint_us,
+            Kind::Enroll => Some(self.per_enroll_us(jwt)),
+            Kind::Renew => Some(issue),
+            Kind::FetchJwt => Some(self.jwt_mint_us),
+            Kind::Nitro => self.attest.nitro_verify_us.map(|v| v + issue),
+            Kind::Oidc => self.attest.oidc_verify_us.map(|v| v + issue),
         }
     }
 
     /// The floor for `kind`: requests/s on one core × cores.
-    pub fn all_cores_for(&self, kind: Kind, jwt: bool) -> f64 {
-        1e6 / self.per_request_us(kind, jwt) * self.cores as f64
+    pub fn all_cores_for(&self, kind: Kind, jwt: bool) -> Option<f64> {
+        self.per_request_us(kind, jwt)
+            .map(|us| 1e6 / us * self.cores as f64)
     }
 
     /// Enrollments per second on one core.
@@ -113,6 +136,20 @@ impl Floor {
             "floor": { "nojwt": r(self.all_cores(false)), "jwt": r(self.all_cores(true)) },
             "measured_all_cores_jwt": r(self.measured_all_cores_jwt),
             "fsync_4k_us": self.fsync_4k_us.map(r),
+            "attest_us": {
+                "nitro_verify": self.attest.nitro_verify_us.map(r),
+                "oidc_verify_rs256": self.attest.oidc_verify_us.map(r),
+                "loadgen_nitro_document": self.attest.nitro_document_us.map(r),
+                "prepared_oidc_mint_rs256": self.attest.oidc_mint_us.map(r),
+            },
+            "per_attest_enroll_us": {
+                "nitro": { "nojwt": self.per_request_us(Kind::Nitro, false).map(r), "jwt": self.per_request_us(Kind::Nitro, true).map(r) },
+                "oidc": { "nojwt": self.per_request_us(Kind::Oidc, false).map(r), "jwt": self.per_request_us(Kind::Oidc, true).map(r) },
+            },
+            "floor_attest": {
+                "nitro": { "nojwt": self.all_cores_for(Kind::Nitro, false).map(r), "jwt": self.all_cores_for(Kind::Nitro, true).map(r) },
+                "oidc": { "nojwt": self.all_cores_for(Kind::Oidc, false).map(r), "jwt": self.all_cores_for(Kind::Oidc, true).map(r) },
+            },
         })
     }
 
@@ -141,6 +178,28 @@ impl Floor {
             "  measured on all {} cores at once (with JWT): {:.0}/s\n",
             self.cores, self.measured_all_cores_jwt
         );
+        let a = &self.attest;
+        for (name, us) in [
+            ("Nitro document verify (broker)", a.nitro_verify_us),
+            ("RS256 OIDC token verify (broker)", a.oidc_verify_us),
+            ("Nitro document sign (load gen)", a.nitro_document_us),
+            ("RS256 token mint (before clock)", a.oidc_mint_us),
+        ] {
+            if let Some(us) = us {
+                s += &row(name, us);
+            }
+        }
+        for (name, kind) in [("Nitro", Kind::Nitro), ("OIDC", Kind::Oidc)] {
+            if let (Some(us), Some(all)) = (
+                self.per_request_us(kind, false),
+                self.all_cores_for(kind, false),
+            ) {
+                s += &format!(
+                    "  per {name} enrollment (no JWT) {us:>8.2} µs → floor × {} cores = {all:.0}/s\n",
+                    self.cores
+                );
+            }
+        }
         if let Some(f) = self.fsync_4k_us {
             s += &format!(
                 "  durability (not CPU): 4 KiB append + fsync {f:.0} µs → at most {:.0} commits/s; group commit shares one among a batch\n",
@@ -246,7 +305,10 @@ impl Kit {
 }
 
 /// Best per-op time (µs) of `op` over 5 rounds that together last about `secs`.
-fn time_op(secs: f64, mut op: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+///
+/// # Errors
+/// `op` failed.
+pub fn time_op(secs: f64, mut op: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
     // Warm caches and lazy initialisation.
     for _ in 0..8 {
         op()?;
@@ -268,11 +330,12 @@ fn time_op(secs: f64, mut op: impl FnMut() -> anyhow::Result<()>) -> anyhow::Res
 }
 
 /// Measures the floor, spending about `secs_per_op` seconds on each operation
-/// on the calling thread, then as long on all cores at once.
+/// on the calling thread, then as long on all cores at once. With `attest`
+/// (and the `test-support` feature), the attestation verifiers too.
 ///
 /// # Errors
 /// CA creation or an operation failed (a bug, not a measurement).
-pub fn measure(secs_per_op: f64) -> anyhow::Result<Floor> {
+pub fn measure(secs_per_op: f64, attest: bool) -> anyhow::Result<Floor> {
     let dir = crate::TempDir::new("floor")?;
     let kit = Kit::new(dir.path())?;
     let hmac_300b_us = time_op(secs_per_op, || {
@@ -297,6 +360,11 @@ pub fn measure(secs_per_op: f64) -> anyhow::Result<Floor> {
         Ok(())
     })?;
 
+    let attest = if attest {
+        crate::attest::measure(secs_per_op)?
+    } else {
+        AttestCosts::default()
+    };
     let fsync_4k_us = time_fsync(dir.path(), secs_per_op).ok();
     let cores = procstat::cores();
     let run_for = Duration::from_secs_f64(secs_per_op.max(0.05));
@@ -328,6 +396,7 @@ pub fn measure(secs_per_op: f64) -> anyhow::Result<Floor> {
         measured_all_cores_jwt: total as f64 / run_for.as_secs_f64(),
         secs_per_op,
         fsync_4k_us,
+        attest,
     })
 }
 

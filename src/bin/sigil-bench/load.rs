@@ -1,7 +1,9 @@
 //! The load generator: `enroll-token` (one HTTP/2 connection per client,
 //! reused), `fresh-connection` (a new TLS connection per enrollment),
 //! `renew` and `fetch-jwt` (one mTLS connection per client, each with the
-//! SVID it enrolled for before the clock starts).
+//! SVID it enrolled for before the clock starts), `enroll-nitro` and
+//! `enroll-oidc` (attestation evidence from [`crate::attest`]); `ha-postgres`
+//! ([`crate::ha`]) drives the same code against several replicas.
 //!
 //! Everything a request needs is prepared before the clock starts: one-use
 //! tokens created through the admin API (concurrently) and a fresh P-256 key
@@ -29,18 +31,21 @@ use sigil::{
         self, admin_client::AdminClient, enroll_request::Credential,
         identity_client::IdentityClient,
     },
+    attest::registry::AttestConfig,
     cli::{
         connect_admin, connect_tls, new_key_and_csr, tls_config, tls_config_with, token_proof,
         ClientIdentity, Trust,
     },
     clock::{Clock, SystemClock},
     config::Config,
+    jwks::JwksSource,
     token::{parse_token, TokenSecret},
 };
 use tokio::runtime::Runtime;
 use tonic::transport::Channel;
 
 use crate::{
+    attest::{self, Format, Prepared, Source},
     floor::{self, Floor},
     prefill, procstat,
     stats::{self, round3, thousands, Rec, Summary},
@@ -59,15 +64,24 @@ pub enum Mode {
     Renew,
     /// `FetchJWT` over one mTLS connection per client.
     FetchJwt,
+    /// Nitro attestation over one HTTP/2 connection per client: GetChallenge,
+    /// then Enroll with a document signed over the challenge.
+    Nitro,
+    /// OIDC attestation over one HTTP/2 connection per client: Enroll with a
+    /// prepared token (fresh `jti`).
+    Oidc,
 }
 
 impl Mode {
-    fn scenario(self) -> &'static str {
+    /// The scenario's command name.
+    pub fn scenario(self) -> &'static str {
         match self {
             Mode::Reused => "enroll-token",
             Mode::Fresh => "fresh-connection",
             Mode::Renew => "renew",
             Mode::FetchJwt => "fetch-jwt",
+            Mode::Nitro => "enroll-nitro",
+            Mode::Oidc => "enroll-oidc",
         }
     }
 
@@ -76,6 +90,17 @@ impl Mode {
             Mode::Reused | Mode::Fresh => floor::Kind::Enroll,
             Mode::Renew => floor::Kind::Renew,
             Mode::FetchJwt => floor::Kind::FetchJwt,
+            Mode::Nitro => floor::Kind::Nitro,
+            Mode::Oidc => floor::Kind::Oidc,
+        }
+    }
+
+    /// The attestation format, for the attestation scenarios.
+    pub fn attest_format(self) -> Option<Format> {
+        match self {
+            Mode::Nitro => Some(Format::Nitro),
+            Mode::Oidc => Some(Format::Oidc),
+            _ => None,
         }
     }
 
@@ -94,6 +119,14 @@ impl Mode {
             Mode::Renew | Mode::FetchJwt => {
                 "one reused mTLS HTTP/2 connection per client (its own SVID)"
             }
+            Mode::Nitro => {
+                "one reused HTTP/2 connection per client; GetChallenge, then Enroll with a \
+                 Nitro document signed over the challenge by the load generator"
+            }
+            Mode::Oidc => {
+                "one reused HTTP/2 connection per client; Enroll with an RS256 token minted \
+                 before the clock (fresh jti each)"
+            }
         }
     }
 }
@@ -102,6 +135,8 @@ impl Mode {
 struct Item {
     token: Option<(String, TokenSecret)>,
     csr: Vec<u8>,
+    /// Attestation material (the attestation scenarios).
+    evidence: Option<Prepared>,
 }
 
 /// What every client shares.
@@ -111,6 +146,10 @@ struct Ctx {
     tls: rustls::ClientConfig,
     audiences: Vec<String>,
     jwt: bool,
+    /// The evidence generator (the attestation scenarios).
+    source: Option<Arc<Source>>,
+    /// The SPIFFE ID every attestation enrollment must come back with.
+    expect_id: Option<String>,
 }
 
 /// One phase (warm-up or timed): its pool and live counters.
@@ -137,25 +176,75 @@ impl Phase {
 }
 
 /// Where the broker is.
-struct Target {
-    url: String,
-    admin_socket: PathBuf,
-    ca_pin: Option<String>,
+pub struct Target {
+    /// `https://HOST:PORT` of each replica (one unless `ha-postgres`);
+    /// client `k` connects to `urls[k % urls.len()]`.
+    pub urls: Vec<String>,
+    /// Admin socket used to create tokens and apply plans.
+    pub admin_socket: PathBuf,
+    /// CA pin, when known.
+    pub ca_pin: Option<String>,
     /// Process whose CPU and RSS are the broker's (self when in-process).
-    pid: Option<u32>,
-    in_process: bool,
-    description: String,
-    prefill_secs: Option<f64>,
-    issued_at_start: Option<u64>,
+    pub pid: Option<u32>,
+    /// Whether the broker runs in this process (CPU split per thread name).
+    pub in_process: bool,
+    /// One line for the report.
+    pub description: String,
+    /// Seconds the prefill took.
+    pub prefill_secs: Option<f64>,
+    /// Issued certificates in the store when the run started.
+    pub issued_at_start: Option<u64>,
+    /// The store is the embedded SQLite (it has a writer thread to report).
+    pub sqlite: bool,
+    /// The database server's main process (PostgreSQL's postmaster), whose
+    /// CPU and its children's are reported apart from "other processes".
+    pub db_pid: Option<u32>,
+}
+
+impl Target {
+    fn url(&self) -> &str {
+        self.urls.first().map_or("", String::as_str)
+    }
 }
 
 /// An in-process broker and what must outlive it.
-struct InProcess {
-    rt: Runtime,
-    running: sigil::server::Running,
+pub struct InProcess {
+    /// Its runtime.
+    pub rt: Runtime,
+    /// The started server.
+    pub running: sigil::server::Running,
     prefill_secs: Option<f64>,
     issued_at_start: Option<u64>,
     _dir: Option<TempDir>,
+}
+
+impl InProcess {
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.running.addr.port())
+    }
+
+    /// Stops it (drain, store close); reports a failure on stderr.
+    pub fn shutdown(self) {
+        if let Err(e) = self.rt.block_on(self.running.shutdown()) {
+            eprintln!("sigil-bench: broker shutdown: {e:#}");
+        }
+    }
+}
+
+/// How to set up an in-process broker beyond [`LoadArgs`].
+#[derive(Default)]
+pub struct BrokerOpts {
+    /// Per-peer limits off (mTLS scenarios: limited per SPIFFE ID).
+    pub rates_disabled: bool,
+    /// Attestation trust (the attestation scenarios).
+    pub attest: Option<(AttestConfig, Vec<JwksSource>)>,
+    /// `postgres://…` (replicas); `None`: SQLite in the data dir.
+    pub store_url: Option<String>,
+    /// Key-encryption key (base64), required with PostgreSQL.
+    pub kek_env: Option<String>,
+    /// Runtime thread name [default: `sigil-broker`]; must start with `sigil-broker`.
+    pub thread_name: Option<String>,
 }
 
 /// Runs a load scenario; returns the process exit code.
@@ -176,30 +265,33 @@ pub fn run(a: &LoadArgs, mode: Mode) -> anyhow::Result<i32> {
     if !external && (a.admin_socket.is_some() || a.ca_pin.is_some() || a.broker_pid.is_some()) {
         bail!("--admin-socket, --ca-pin and --broker-pid need --broker URL");
     }
-    let cores = procstat::cores();
-
-    let floor = if a.floor_secs > 0.0 {
-        if !a.quiet {
-            eprintln!("measuring the crypto floor ({} s per op)…", a.floor_secs);
+    let source = match mode.attest_format() {
+        Some(_) if external => bail!(
+            "--broker: {} runs an in-process broker only (it must trust a root generated for this run)",
+            mode.scenario()
+        ),
+        Some(f) => {
+            if f == Format::Oidc && a.requests.is_none() && a.duration > Duration::from_secs(240) {
+                bail!(
+                    "--duration: enroll-oidc tokens are minted before the clock and must be used \
+                     within the broker's 300 s iat window; use at most 240s"
+                );
+            }
+            Some(Arc::new(Source::new(f)?))
         }
-        Some(floor::measure(a.floor_secs)?)
-    } else {
-        None
+        None => None,
     };
-
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(a.client_threads.unwrap_or(cores).max(1))
-        .thread_name("sigil-loadgen")
-        .thread_keep_alive(Duration::from_secs(3600))
-        .enable_all()
-        .build()
-        .context("client runtime")?;
+    let cores = procstat::cores();
+    let floor = measure_floor(a, mode)?;
+    let client_rt = client_runtime(a, cores)?;
 
     let mut in_process = None;
+    // Kept until the broker stops: the attestation trust files it was configured from.
+    let mut _attest_dir = None;
     let target =
         match &a.broker {
             Some(url) => Target {
-                url: url.clone(),
+                urls: vec![url.clone()],
                 admin_socket: a.admin_socket.clone().context(
                     "--broker needs --admin-socket PATH (tokens are created through it)",
                 )?,
@@ -208,6 +300,8 @@ pub fn run(a: &LoadArgs, mode: Mode) -> anyhow::Result<i32> {
                 in_process: false,
                 prefill_secs: None,
                 issued_at_start: None,
+                sqlite: true,
+                db_pid: None,
                 description: format!(
                     "external broker {url}{}",
                     a.broker_pid
@@ -216,15 +310,29 @@ pub fn run(a: &LoadArgs, mode: Mode) -> anyhow::Result<i32> {
                 ),
             },
             None => {
-                let b = start_in_process(a, mode, cores)?;
+                let mut opts = BrokerOpts {
+                    // mTLS callers are limited per SPIFFE ID (100/s each by
+                    // default), which no address exemption covers: off for
+                    // the scenarios that use them.
+                    rates_disabled: matches!(mode, Mode::Renew | Mode::FetchJwt),
+                    ..BrokerOpts::default()
+                };
+                if let Some(src) = &source {
+                    let dir = TempDir::new("attest")?;
+                    opts.attest = Some(src.trust_config(dir.path())?);
+                    _attest_dir = Some(dir);
+                }
+                let b = start_in_process(a, &opts, cores)?;
                 let t = Target {
-                    url: format!("https://127.0.0.1:{}", b.running.addr.port()),
+                    urls: vec![b.url()],
                     admin_socket: b.running.admin_socket.clone(),
                     ca_pin: Some(b.running.ca_pin.clone()),
                     pid: Some(std::process::id()),
                     in_process: true,
                     prefill_secs: b.prefill_secs,
                     issued_at_start: b.issued_at_start,
+                    sqlite: true,
+                    db_pid: None,
                     description: format!(
                     "in-process broker (group commit {}, {} broker threads, {} client threads{})",
                     if a.group_commit { "on" } else { "off" },
@@ -242,11 +350,9 @@ pub fn run(a: &LoadArgs, mode: Mode) -> anyhow::Result<i32> {
             }
         };
 
-    let result = client_rt.block_on(drive(a, mode, &target, floor.as_ref()));
+    let result = client_rt.block_on(drive(a, mode, &target, floor.as_ref(), source));
     if let Some(b) = in_process {
-        if let Err(e) = b.rt.block_on(b.running.shutdown()) {
-            eprintln!("sigil-bench: broker shutdown: {e:#}");
-        }
+        b.shutdown();
     }
     let (report, errors) = result?;
     if a.json {
@@ -259,7 +365,46 @@ pub fn run(a: &LoadArgs, mode: Mode) -> anyhow::Result<i32> {
     })
 }
 
-fn start_in_process(a: &LoadArgs, mode: Mode, cores: usize) -> anyhow::Result<InProcess> {
+/// The crypto floor for `mode`, measured now (`None` with `--floor-secs 0`).
+///
+/// # Errors
+/// A floor operation failed (a bug).
+pub fn measure_floor(a: &LoadArgs, mode: Mode) -> anyhow::Result<Option<Floor>> {
+    if a.floor_secs <= 0.0 {
+        return Ok(None);
+    }
+    if !a.quiet {
+        eprintln!("measuring the crypto floor ({} s per op)…", a.floor_secs);
+    }
+    Ok(Some(floor::measure(
+        a.floor_secs,
+        mode.attest_format().is_some(),
+    )?))
+}
+
+/// The load generator's runtime (threads `sigil-loadgen`).
+///
+/// # Errors
+/// The runtime could not be built.
+pub fn client_runtime(a: &LoadArgs, cores: usize) -> anyhow::Result<Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(a.client_threads.unwrap_or(cores).max(1))
+        .thread_name("sigil-loadgen")
+        .thread_keep_alive(Duration::from_secs(3600))
+        .enable_all()
+        .build()
+        .context("client runtime")
+}
+
+/// Starts a broker in this process on its own runtime.
+///
+/// # Errors
+/// The runtime, the prefill or the broker failed to start.
+pub fn start_in_process(
+    a: &LoadArgs,
+    opts: &BrokerOpts,
+    cores: usize,
+) -> anyhow::Result<InProcess> {
     if a.broker_log != "off" {
         // `sigil serve` logs every issuance at info; pay the formatting cost
         // here too, into a sink (as `sigil serve >/dev/null` would).
@@ -271,7 +416,7 @@ fn start_in_process(a: &LoadArgs, mode: Mode, cores: usize) -> anyhow::Result<In
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(a.broker_threads.unwrap_or(cores).max(1))
-        .thread_name("sigil-broker")
+        .thread_name(opts.thread_name.as_deref().unwrap_or("sigil-broker"))
         .thread_keep_alive(Duration::from_secs(3600))
         .enable_all()
         .build()
@@ -298,11 +443,13 @@ fn start_in_process(a: &LoadArgs, mode: Mode, cores: usize) -> anyhow::Result<In
     cfg.rates
         .exempt
         .push(sigil::ratelimit::Cidr::parse("127.0.0.0/8").map_err(anyhow::Error::msg)?);
-    // mTLS callers are limited per SPIFFE ID (100/s each by default), which
-    // no address exemption covers: off for the scenarios that use them.
-    if matches!(mode, Mode::Renew | Mode::FetchJwt) {
-        cfg.rates.disabled = true;
+    cfg.rates.disabled = opts.rates_disabled;
+    if let Some((attest, jwks_sources)) = &opts.attest {
+        cfg.attest = attest.clone();
+        cfg.jwks_sources = jwks_sources.clone();
     }
+    cfg.store_url = opts.store_url.clone();
+    cfg.kek_env = opts.kek_env.clone();
     let running = rt
         .block_on(sigil::server::start(cfg, Arc::new(SystemClock)))
         .context("start the in-process broker")?;
@@ -328,6 +475,8 @@ struct Snapshot {
     store_cpu: Option<f64>,
     loadgen_cpu: f64,
     process_cpu: f64,
+    /// The database server's processes (PostgreSQL), when local and known.
+    db_cpu: Option<f64>,
     machine: Option<(f64, f64)>,
 }
 
@@ -368,9 +517,10 @@ fn snapshot(t: &Target) -> Snapshot {
     Snapshot {
         at: Instant::now(),
         broker_cpu,
-        store_cpu,
+        store_cpu: store_cpu.filter(|_| t.sqlite),
         loadgen_cpu,
         process_cpu,
+        db_cpu: t.db_pid.and_then(procstat::tree_cpu_secs),
         machine: procstat::machine_cpu_secs(),
     }
 }
@@ -393,6 +543,7 @@ async fn prepare(
     admins: &[AdminClient<Channel>],
     trust_domain: &str,
     mode: Mode,
+    source: Option<&Arc<Source>>,
     quiet: bool,
 ) -> anyhow::Result<Vec<Item>> {
     if n == 0 {
@@ -402,11 +553,21 @@ async fn prepare(
     let cores = procstat::cores();
     let per = n.div_ceil(cores);
     let csrs_wanted = if mode.needs_csrs() { n } else { 0 };
+    type Material = (Vec<u8>, Option<Prepared>);
     let csr_jobs: Vec<_> = (0..cores)
         .map(|k| {
             let m = per.min(csrs_wanted.saturating_sub(k * per));
-            tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Vec<u8>>> {
-                (0..m).map(|_| Ok(new_key_and_csr()?.1)).collect()
+            let source = source.cloned();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Material>> {
+                (0..m)
+                    .map(|_| match &source {
+                        Some(src) => {
+                            let p = src.prepare()?;
+                            Ok((p.csr().to_vec(), Some(p)))
+                        }
+                        None => Ok((new_key_and_csr()?.1, None)),
+                    })
+                    .collect()
             })
         })
         .collect();
@@ -459,24 +620,29 @@ async fn prepare(
     let mut csrs = csrs.into_iter();
     let items: Vec<Item> = tokens
         .into_iter()
-        .map(|token| Item {
-            token,
-            csr: csrs.next().unwrap_or_default(),
+        .map(|token| {
+            let (csr, evidence) = csrs.next().unwrap_or_default();
+            Item {
+                token,
+                csr,
+                evidence,
+            }
         })
         .collect();
     if !quiet {
         eprintln!(
             "prepared {} requests ({}{}) in {:.2} s",
             thousands(n as u64),
-            if mode.needs_tokens() {
-                "tokens"
-            } else {
-                "no tokens"
+            match mode {
+                Mode::Oidc => "RS256 tokens with a fresh jti",
+                Mode::Nitro => "documents are signed per request, over the challenge",
+                _ if mode.needs_tokens() => "tokens",
+                _ => "no tokens",
             },
-            if mode.needs_csrs() {
-                " and key+CSR pairs"
-            } else {
-                ""
+            match mode {
+                Mode::Nitro => "; key+CSR pairs",
+                _ if mode.needs_csrs() => " and key+CSR pairs",
+                _ => "",
             },
             started.elapsed().as_secs_f64()
         );
@@ -499,6 +665,8 @@ fn reason_of(s: &tonic::Status) -> String {
 struct ClientOut {
     recs: Vec<Rec>,
     errors: HashMap<String, u64>,
+    /// Wall time spent producing attestation evidence in the request path, ns.
+    evidence_ns: u64,
 }
 
 /// One client: takes the next prepared item until the pool, the deadline
@@ -561,6 +729,9 @@ async fn client(
                 .await
                 .map_err(|s| reason_of(&s))
                 .and_then(|r| check_svid(&ctx, &r.into_inner())),
+            (Mode::Nitro | Mode::Oidc, Some(c)) => {
+                attest_enroll(&ctx, c, item, &mut out.evidence_ns).await
+            }
             (_, reused) => {
                 let Some((token_id, secret)) = &item.token else {
                     break;
@@ -612,6 +783,49 @@ async fn client(
     out
 }
 
+/// One attestation enrollment: GetChallenge when the format needs one, the
+/// document (signed now for Nitro; prepared for OIDC), Enroll.
+async fn attest_enroll(
+    ctx: &Ctx,
+    c: &mut IdentityClient<Channel>,
+    item: &Item,
+    evidence_ns: &mut u64,
+) -> Result<(), String> {
+    let (Some(src), Some(prepared)) = (&ctx.source, &item.evidence) else {
+        return Err("NO_EVIDENCE".to_owned());
+    };
+    let nonce = if src.needs_challenge() {
+        let r = c
+            .get_challenge(pb::GetChallengeRequest {})
+            .await
+            .map_err(|s| format!("GetChallenge {}", reason_of(&s)))?;
+        Some(r.into_inner().nonce)
+    } else {
+        None
+    };
+    let t = Instant::now();
+    let document = src
+        .document(prepared, nonce.as_deref(), SystemClock.now_ms())
+        .map_err(|_| "DOCUMENT_FAILED".to_owned())?;
+    *evidence_ns += u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let r = c
+        .enroll(pb::EnrollRequest {
+            csr: item.csr.clone(),
+            credential: Some(Credential::Attestation(pb::Attestation {
+                format: src.format().wire_name().to_owned(),
+                document,
+            })),
+            jwt_audiences: ctx.audiences.clone(),
+        })
+        .await
+        .map_err(|s| reason_of(&s))?
+        .into_inner();
+    if ctx.expect_id.as_ref().is_some_and(|id| *id != r.spiffe_id) {
+        return Err("UNEXPECTED_SPIFFE_ID".to_owned());
+    }
+    check_svid(ctx, &r)
+}
+
 /// The audience of every JWT-SVID asked for.
 const AUDIENCE: &str = "https://bench.example";
 
@@ -633,6 +847,7 @@ struct PhaseOut {
     elapsed: Duration,
     exhausted: bool,
     rss_max_kib: Option<u64>,
+    evidence_ns: u64,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -670,8 +885,10 @@ async fn run_phase(
     }
     let mut recs = Vec::new();
     let mut errors = BTreeMap::new();
+    let mut evidence_ns = 0;
     for t in tasks {
         let o = t.await.context("client task")?;
+        evidence_ns += o.evidence_ns;
         recs.extend(o.recs);
         for (k, v) in o.errors {
             *errors.entry(k).or_default() += v;
@@ -687,6 +904,7 @@ async fn run_phase(
         elapsed,
         exhausted: phase.exhausted.load(Relaxed),
         rss_max_kib,
+        evidence_ns,
     })
 }
 
@@ -742,11 +960,12 @@ async fn sample(
 
 /// The scenario end to end, on the client runtime. Returns the JSON report
 /// and the number of failed requests.
-async fn drive(
+pub async fn drive(
     a: &LoadArgs,
     mode: Mode,
     target: &Target,
     floor: Option<&Floor>,
+    source: Option<Arc<Source>>,
 ) -> anyhow::Result<(serde_json::Value, u64)> {
     let admins = connect_admins(&target.admin_socket, 4).await?;
     let pin = match &target.ca_pin {
@@ -771,9 +990,45 @@ async fn drive(
         // A first-boot workload has no TLS session to resume.
         tls.resumption = rustls::client::Resumption::disabled();
     }
+    // Fail fast with a clear message when a broker or the pin is wrong.
+    let mut bundle = None;
+    for url in &target.urls {
+        bundle = Some(
+            IdentityClient::new(
+                connect_tls(url, tls.clone())
+                    .await
+                    .with_context(|| format!("cannot reach {url} with pin {pin}"))?,
+            )
+            .get_bundle(pb::GetBundleRequest {})
+            .await
+            .map_err(|s| anyhow::anyhow!("GetBundle on {url}: {}", describe_status(&s)))?
+            .into_inner(),
+        );
+    }
+    let trust_domain = match bundle {
+        Some(b) if !b.trust_domain.is_empty() => b.trust_domain,
+        _ => a.trust_domain.clone(),
+    };
+    if let Some(src) = &source {
+        // The plan whose entries the generated evidence matches.
+        admins[0]
+            .clone()
+            .apply_plan(pb::ApplyPlanRequest {
+                plan: attest::plan(&trust_domain).into_bytes(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("apply the bench plan: {}", describe_status(&s)))?;
+        if !a.quiet {
+            eprintln!(
+                "applied a plan granting {} to the generated {} evidence",
+                attest::granted_id(&trust_domain, src.format()),
+                src.format().wire_name()
+            );
+        }
+    }
     let ctx = Arc::new(Ctx {
         mode,
-        url: target.url.clone(),
+        url: target.url().to_owned(),
         tls: tls.clone(),
         audiences: if a.jwt {
             vec![AUDIENCE.to_owned()]
@@ -781,25 +1036,16 @@ async fn drive(
             Vec::new()
         },
         jwt: a.jwt,
+        expect_id: source
+            .as_ref()
+            .map(|s| attest::granted_id(&trust_domain, s.format())),
+        source: source.clone(),
     });
-    // Fail fast with a clear message when the broker or the pin is wrong.
-    let bundle = IdentityClient::new(
-        connect_tls(&target.url, tls.clone())
-            .await
-            .with_context(|| format!("cannot reach {} with pin {pin}", target.url))?,
-    )
-    .get_bundle(pb::GetBundleRequest {})
-    .await
-    .map_err(|s| anyhow::anyhow!("GetBundle: {}", describe_status(&s)))?
-    .into_inner();
-    let trust_domain = if bundle.trust_domain.is_empty() {
-        a.trust_domain.clone()
-    } else {
-        bundle.trust_domain
-    };
 
     let channels = match mode {
-        Mode::Reused => connect_channels(&target.url, &[tls.clone()], a.concurrency).await?,
+        Mode::Reused | Mode::Nitro | Mode::Oidc => {
+            connect_channels(&target.urls, &[tls.clone()], a.concurrency).await?
+        }
         Mode::Fresh => Vec::new(),
         Mode::Renew | Mode::FetchJwt => {
             let trust = Trust::from_pin(&pin)?;
@@ -807,12 +1053,12 @@ async fn drive(
                 a.concurrency,
                 &admins,
                 &trust_domain,
-                &target.url,
+                target.url(),
                 &tls,
                 &trust,
             )
             .await?;
-            connect_channels(&target.url, &configs, a.concurrency).await?
+            connect_channels(&target.urls, &configs, a.concurrency).await?
         }
     };
     let label = format!("{} c={}", mode.scenario(), a.concurrency);
@@ -829,7 +1075,7 @@ async fn drive(
             None => w,
         };
         for round in 1..=5 {
-            let pool = prepare(w, &admins, &trust_domain, mode, a.quiet).await?;
+            let pool = prepare(w, &admins, &trust_domain, mode, source.as_ref(), a.quiet).await?;
             let out = run_phase(
                 &ctx,
                 pool,
@@ -871,10 +1117,20 @@ async fn drive(
         (None, Some(t)) => t,
         (None, None) => {
             let rate = a.rate.or(est_rate).unwrap_or(5000.0);
-            (rate * a.duration.as_secs_f64() * 1.3) as usize + a.concurrency * 2 + 100
+            // Headroom over the warm-up rate; more where the warm-up tends
+            // to undershoot (replicas on PostgreSQL) or the pool is cheap to
+            // prepare (no store writes: the attestation scenarios).
+            let headroom = if mode.attest_format().is_some() {
+                2.0
+            } else if !target.sqlite {
+                1.6
+            } else {
+                1.3
+            };
+            (rate * a.duration.as_secs_f64() * headroom) as usize + a.concurrency * 2 + 100
         }
     };
-    let pool = prepare(n, &admins, &trust_domain, mode, a.quiet).await?;
+    let pool = prepare(n, &admins, &trust_domain, mode, source.as_ref(), a.quiet).await?;
 
     // Timed phase.
     let before = snapshot(target);
@@ -977,15 +1233,15 @@ async fn client_identities(
 }
 
 /// `n` independent HTTP/2 connections (tonic clones share one, so each
-/// client gets its own), opened 32 at a time; connection `k` uses
-/// `configs[k % configs.len()]`.
+/// client gets its own), opened 32 at a time; connection `k` goes to
+/// `urls[k % urls.len()]` with `configs[k % configs.len()]`.
 async fn connect_channels(
-    url: &str,
+    urls: &[String],
     configs: &[rustls::ClientConfig],
     n: usize,
 ) -> anyhow::Result<Vec<Channel>> {
-    if configs.is_empty() {
-        bail!("no TLS configuration");
+    if configs.is_empty() || urls.is_empty() {
+        bail!("no TLS configuration or no broker URL");
     }
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
@@ -993,7 +1249,7 @@ async fn connect_channels(
         let first = out.len();
         let jobs: Vec<_> = (0..batch)
             .map(|j| {
-                let url = url.to_owned();
+                let url = urls[(first + j) % urls.len()].clone();
                 let tls = configs[(first + j) % configs.len()].clone();
                 tokio::spawn(async move { connect_tls(&url, tls).await })
             })
@@ -1044,7 +1300,29 @@ impl Report<'_> {
         }
     }
 
-    /// (broker, load generator, rest of this process, other processes) in cores.
+    /// The database server's processes (PostgreSQL), in cores.
+    fn db_cpu(&self) -> Option<f64> {
+        match (self.before.db_cpu, self.after.db_cpu) {
+            (Some(b), Some(e)) => Some((e - b).max(0.0) / self.wall()),
+            _ => None,
+        }
+    }
+
+    /// Microseconds of CPU per successful request for a share of `cores`.
+    fn per_request_us(&self, cores: f64) -> Option<f64> {
+        let ok = self.ok();
+        (ok > 0).then(|| cores * self.wall() * 1e6 / ok as f64)
+    }
+
+    /// Mean time the load generator spent producing evidence per request, µs.
+    fn evidence_us(&self) -> Option<f64> {
+        let ok = self.ok();
+        (self.mode.attest_format().is_some() && ok > 0)
+            .then(|| self.out.evidence_ns as f64 / 1e3 / ok as f64)
+    }
+
+    /// (broker, load generator, rest of this process, other processes) in
+    /// cores; "other" excludes the database server's processes.
     fn cpu(&self) -> (Option<f64>, f64, f64, Option<f64>) {
         let w = self.wall();
         let broker = match (self.before.broker_cpu, self.after.broker_cpu) {
@@ -1063,8 +1341,9 @@ impl Report<'_> {
         } else {
             process + broker.unwrap_or(0.0)
         };
+        let db = self.db_cpu().unwrap_or(0.0);
         let others = match (self.before.machine, self.after.machine) {
-            (Some((b, _)), Some((e, _))) => Some(((e - b) / w - ours).max(0.0)),
+            (Some((b, _)), Some((e, _))) => Some(((e - b) / w - ours - db).max(0.0)),
             _ => None,
         };
         (broker, loadgen, rest, others)
@@ -1072,7 +1351,7 @@ impl Report<'_> {
 
     fn floor_for(&self) -> Option<f64> {
         self.floor
-            .map(|f| f.all_cores_for(self.mode.floor_kind(), self.a.jwt))
+            .and_then(|f| f.all_cores_for(self.mode.floor_kind(), self.a.jwt))
     }
 
     fn json(&self) -> serde_json::Value {
@@ -1106,6 +1385,7 @@ impl Report<'_> {
             "cpu_cores": {
                 "broker": broker.map(round3),
                 "broker_store_writer": self.store_cpu().map(round3),
+                "database": self.db_cpu().map(round3),
                 "loadgen": round3(loadgen),
                 "rest_of_bench_process": round3(rest),
                 "other_processes": others.map(round3),
@@ -1122,9 +1402,21 @@ impl Report<'_> {
             "floor_rps": self.floor_for().map(round3),
             "throughput_over_floor": self.floor_for().map(|f| round3(self.rps() / f)),
             "cpu_us_per_request": {
-                "broker": broker.filter(|_| self.ok() > 0).map(|b| round3(b * self.wall() * 1e6 / self.ok() as f64)),
-                "broker_store_writer": self.store_cpu().filter(|_| self.ok() > 0).map(|b| round3(b * self.wall() * 1e6 / self.ok() as f64)),
+                "broker": broker.and_then(|b| self.per_request_us(b)).map(round3),
+                "broker_store_writer": self.store_cpu().and_then(|b| self.per_request_us(b)).map(round3),
+                "database": self.db_cpu().and_then(|b| self.per_request_us(b)).map(round3),
+                "loadgen": self.per_request_us(loadgen).map(round3),
             },
+            "attestation": self.mode.attest_format().map(|f| serde_json::json!({
+                "format": f.wire_name(),
+                "rpcs_per_enrollment": if self.mode == Mode::Nitro { 2 } else { 1 },
+                "loadgen_evidence_us_per_request": self.evidence_us().map(round3),
+                "latency_covers": if self.mode == Mode::Nitro {
+                    "GetChallenge + document signing + Enroll"
+                } else {
+                    "Enroll (token prepared before the clock)"
+                },
+            })),
         })
     }
 
@@ -1156,7 +1448,7 @@ impl Report<'_> {
             }
         );
         if self.out.exhausted && self.a.requests.is_none() {
-            o += "  NOTE: the token pool ran out before the deadline; pass a larger --tokens\n";
+            o += "  NOTE: the prepared requests (tokens / CSRs) ran out before the deadline; pass a larger --tokens\n";
         }
         o += &format!("  throughput   {:.1} requests/s\n", self.rps());
         o += &format!(
@@ -1164,10 +1456,12 @@ impl Report<'_> {
             s.p50, s.p90, s.p99, s.p999, s.max, s.mean
         );
         o += &format!(
-            "  CPU (cores)  broker {}{}  load generator {:.2}{}  other processes {}  (of {} cores)\n",
+            "  CPU (cores)  broker {}{}{}  load generator {:.2}{}  other processes {}  (of {} cores)\n",
             broker.map_or("n/a".into(), |b| format!("{b:.2}")),
             self.store_cpu()
                 .map_or(String::new(), |s| format!(" (store writer thread {s:.2})")),
+            self.db_cpu()
+                .map_or(String::new(), |d| format!("  PostgreSQL processes {d:.2}")),
             loadgen,
             if rest > 0.005 {
                 format!("  rest of sigil-bench {rest:.2}")
@@ -1197,13 +1491,20 @@ impl Report<'_> {
         if let Some(b) = broker.filter(|_| self.ok() > 0) {
             let per = |cores: f64| cores * self.wall() * 1e6 / self.ok() as f64;
             o += &format!(
-                "  CPU per request  broker {:.0} µs{}  load generator {:.0} µs\n",
+                "  CPU per request  broker {:.0} µs{}{}  load generator {:.0} µs{}\n",
                 per(b),
                 self.store_cpu().map_or(String::new(), |s| format!(
                     " (of which store writer {:.0} µs)",
                     per(s)
                 )),
-                per(loadgen)
+                self.db_cpu()
+                    .map_or(String::new(), |d| format!("  PostgreSQL {:.0} µs", per(d))),
+                per(loadgen),
+                self.evidence_us()
+                    .filter(|_| self.mode == Mode::Nitro)
+                    .map_or(String::new(), |e| format!(
+                        " (of which ~{e:.0} µs signing the Nitro document)"
+                    )),
             );
         }
         if let (Some(f), Some(fl)) = (self.floor, self.floor_for()) {

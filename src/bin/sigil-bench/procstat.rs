@@ -34,6 +34,56 @@ fn parse_stat(text: &str) -> Option<(String, u64)> {
     Some((comm, utime + stime))
 }
 
+/// `(ppid, own utime + stime, reaped children's cutime + cstime)` in ticks,
+/// from the text of a `stat` file.
+fn parse_stat_tree(text: &str) -> Option<(u32, u64, u64)> {
+    let close = text.rfind(')')?;
+    let rest: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
+    // After ')': [1]=ppid, [11]=utime [12]=stime [13]=cutime [14]=cstime.
+    let field = |i: usize| -> Option<u64> { rest.get(i)?.parse().ok() };
+    let ppid = u32::try_from(field(1)?).ok()?;
+    Some((ppid, field(11)? + field(12)?, field(13)? + field(14)?))
+}
+
+/// The command name (`comm`) of `pid`.
+pub fn comm(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_owned())
+}
+
+/// The parent of `pid`.
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_tree(&text).map(|(ppid, _, _)| ppid)
+}
+
+/// CPU seconds of `pid` and its children: its own time, the time of the
+/// children it has reaped (`cutime + cstime`), and the time of the live
+/// ones. A child that exits between two readings moves from the third term
+/// to the second, so differences stay continuous. For a server that forks a
+/// process per connection (PostgreSQL's postmaster).
+pub fn tree_cpu_secs(pid: u32) -> Option<f64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, own, reaped) = parse_stat_tree(&text)?;
+    let mut ticks = own + reaped;
+    for entry in fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(child) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(text) = fs::read_to_string(entry.path().join("stat")) else {
+            continue; // exited meanwhile
+        };
+        if let Some((ppid, t, _)) = parse_stat_tree(&text) {
+            if ppid == pid && child != pid {
+                ticks += t;
+            }
+        }
+    }
+    Some(ticks as f64 / clk_tck())
+}
+
 /// CPU seconds (user + system) used so far by process `pid` (all its threads,
 /// including exited ones).
 pub fn process_cpu_secs(pid: u32) -> Option<f64> {
@@ -212,6 +262,9 @@ mod tests {
     fn stat_with_odd_comm() {
         let s = "42 (a b) c) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0";
         assert_eq!(parse_stat(s), Some(("a b) c".into(), 300)));
+        let s = "42 (a b) c) S 7 2 3 4 5 6 7 8 9 10 250 50 20 5 0";
+        assert_eq!(parse_stat_tree(s), Some((7, 300, 25)));
+        assert_eq!(parse_stat_tree("42 (x) S"), None);
     }
 
     #[test]
@@ -222,5 +275,11 @@ mod tests {
         assert!(rss > 0 && hwm >= rss);
         assert!(!threads_cpu_secs(pid, |_| "all").is_empty());
         assert!(utc_now().ends_with(" UTC"));
+        let parent = parent_pid(pid).unwrap_or(0);
+        assert!(parent > 0);
+        // Ours first: the tree read afterwards includes it (and time only grows).
+        let mine = process_cpu_secs(pid).unwrap_or(0.0);
+        assert!(tree_cpu_secs(parent).unwrap_or(-1.0) >= mine);
+        assert!(comm(pid).is_some_and(|c| !c.is_empty()));
     }
 }

@@ -5,6 +5,8 @@
 //!
 //! Files read (all optional; a missing one leaves "not measured"):
 //! `floor.json`, `tok-{off,on}-c{1,8,64,256}.json`, `fresh-c{…}.json`,
+//! `renew-c{…}.json`, `fetchjwt-c{…}.json`, `nitro-c{8,64}.json`,
+//! `oidc-c{8,64}.json`, `ha-pg-c<N>.json` (one file, every replica count),
 //! `half-{off,on}.json`, `store-empty.json`, `store-prefill.json`,
 //! `ext-c64.json`, `ext-c256.json`, `startup.json`, `cfssl.txt`,
 //! `meta.json`, and criterion's `target/criterion/**/new/estimates.json`.
@@ -28,6 +30,8 @@ pub const END: &str = "<!-- END GENERATED -->";
 
 /// Client counts of the scenario tables.
 const CONCURRENCY: [u32; 4] = [1, 8, 64, 256];
+/// Client counts of the attestation tables.
+const ATTEST_CONCURRENCY: [u32; 2] = [8, 64];
 
 struct Results {
     dir: PathBuf,
@@ -96,7 +100,7 @@ fn errors_cell(run: &Value) -> String {
         .unwrap_or(false)
     {
         cell.push_str(&format!(
-            " ⚠ token pool ran out after {} s",
+            " ⚠ prepared pool ran out after {} s",
             f2(num(run, &["duration_s"]))
         ));
     }
@@ -247,6 +251,144 @@ fn scenario_table(s: &mut String, r: &Results, prefix: &str, jwt_note: &str) {
     s.push('\n');
 }
 
+/// An attestation scenario: like [`scenario_table`] at 8 and 64 clients,
+/// with the load generator's CPU per enrollment (it produces the evidence).
+fn attest_table(s: &mut String, r: &Results, prefix: &str, floor_note: &str) {
+    let _ = writeln!(
+        s,
+        "| clients | enrollments/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | ÷ floor ({floor_note}) | CPU cores: broker (store writer) / load gen / other procs | broker CPU µs per enrollment | load gen CPU µs per enrollment (of it: evidence) | RSS peak MiB (broker + load gen) |"
+    );
+    s.push_str("|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|---:|\n");
+    for c in ATTEST_CONCURRENCY {
+        let Some(run) = r.json(&format!("{prefix}-c{c}.json")) else {
+            let _ = writeln!(s, "| {c} | not measured | | | | | | | | | | |");
+            continue;
+        };
+        let evidence = num(&run, &["attestation", "loadgen_evidence_us_per_request"])
+            .filter(|e| *e >= 1.0)
+            .map_or(String::new(), |e| format!(" ({e:.0})"));
+        let _ = writeln!(
+            s,
+            "| {c} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{evidence} | {} |",
+            f0(num(&run, &["rps"])),
+            f2(num(&run, &["latency_ms", "p50"])),
+            f2(num(&run, &["latency_ms", "p90"])),
+            f2(num(&run, &["latency_ms", "p99"])),
+            f2(num(&run, &["latency_ms", "p999"])),
+            errors_cell(&run),
+            pct(num(&run, &["throughput_over_floor"])),
+            cpu_cell(&run),
+            f0(num(&run, &["cpu_us_per_request", "broker"])),
+            f0(num(&run, &["cpu_us_per_request", "loadgen"])),
+            f1(num(&run, &["rss_mib", "broker_peak_vmhwm"])),
+        );
+    }
+    s.push('\n');
+}
+
+/// `ha-pg-c<N>.json` files, by client count.
+fn ha_runs(r: &Results) -> Vec<(u32, Value)> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir(&r.dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let c = name
+            .strip_prefix("ha-pg-c")
+            .and_then(|rest| rest.strip_suffix(".json"))
+            .and_then(|c| c.parse::<u32>().ok());
+        if let (Some(c), Some(v)) = (c, r.json(&name)) {
+            out.push((c, v));
+        }
+    }
+    out.sort_by_key(|(c, _)| *c);
+    out
+}
+
+/// 1 vs 3 replicas on PostgreSQL, with the embedded-SQLite run at the same
+/// client count for reference.
+fn ha_section(s: &mut String, r: &Results) {
+    s.push_str("### Replicas on one PostgreSQL (ha-postgres, enroll-token, no JWT)\n\n");
+    let runs = ha_runs(r);
+    let Some((_, first)) = runs.first() else {
+        s.push_str("not measured (needs PostgreSQL: `SIGIL_PG_DURABLE=1 scripts/with-postgres.sh target/release/sigil-bench ha-postgres -c 64`)\n\n");
+        return;
+    };
+    let fact = |k: &str| {
+        first
+            .get("store")
+            .and_then(|f| f.get(k))
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_owned()
+    };
+    let _ = writeln!(
+        s,
+        "PostgreSQL {} on this machine (`fsync={}`, `synchronous_commit={}`, `full_page_writes={}`), \
+         a database created empty for each replica count. The replicas run inside sigil-bench, each \
+         with its own data dir and tokio runtime ({} worker threads), sharing the CA and keys through \
+         the database; client *k* uses replica *k* mod *n*, tokens are created on replica 0 and \
+         redeemed on any. The PostgreSQL column is the postmaster and all its children \
+         (backends, WAL writer, checkpointer){}.\n",
+        fact("server_version"),
+        fact("fsync"),
+        fact("synchronous_commit"),
+        fact("full_page_writes"),
+        first.get("cores").and_then(Value::as_u64).unwrap_or(0),
+        if first
+            .get("store")
+            .and_then(|f| f.get("server_cpu_measured"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+        {
+            ""
+        } else {
+            " — not measured in this run (the server was not found in /proc), so it is inside \"other procs\""
+        }
+    );
+    s.push_str("| store | replicas | clients | enrollments/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | CPU cores: brokers / database / load gen / other procs | broker CPU µs per enrollment | database CPU µs per enrollment |\n|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|\n");
+    let row = |s: &mut String, store: &str, n: String, c: u32, v: &Value| {
+        let _ = writeln!(
+            s,
+            "| {store} | {n} | {c} | {} | {} | {} | {} | {} | {} | {} / {} / {} / {} | {} | {} |",
+            f0(num(v, &["rps"])),
+            f2(num(v, &["latency_ms", "p50"])),
+            f2(num(v, &["latency_ms", "p90"])),
+            f2(num(v, &["latency_ms", "p99"])),
+            f2(num(v, &["latency_ms", "p999"])),
+            errors_cell(v),
+            f2(num(v, &["cpu_cores", "broker"])),
+            f2(num(v, &["cpu_cores", "database"])
+                .or_else(|| num(v, &["cpu_cores", "broker_store_writer"]))),
+            f2(num(v, &["cpu_cores", "loadgen"])),
+            f2(num(v, &["cpu_cores", "other_processes"])),
+            f0(num(v, &["cpu_us_per_request", "broker"])),
+            f0(num(v, &["cpu_us_per_request", "database"])
+                .or_else(|| num(v, &["cpu_us_per_request", "broker_store_writer"]))),
+        );
+    };
+    for (c, file) in &runs {
+        for run in file
+            .get("runs")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let n = num(run, &["replicas"]).map_or("?".into(), |n| format!("{n:.0}"));
+            row(s, "PostgreSQL", n, *c, run);
+        }
+        if let Some(v) = r.json(&format!("tok-off-c{c}.json")) {
+            row(s, "embedded SQLite ¹", "1".into(), *c, &v);
+        }
+    }
+    s.push_str(
+        "\n¹ The enroll-token run at the same client count above, for reference: SQLite runs inside the \
+         broker, so its \"database\" figures are the broker's store writer thread and are also counted in \
+         the broker columns. For PostgreSQL, broker + database is the CPU an enrollment costs.\n\n",
+    );
+}
+
 /// One row of the targets table.
 struct Target {
     what: &'static str,
@@ -389,9 +531,13 @@ fn targets(r: &Results, cf: &BTreeMap<u32, (f64, f64, f64, u64)>) -> Vec<Target>
                 && name != "meta.json"
             {
                 if let Some(v) = r.json(&name) {
-                    if v.get("errors").is_some() {
-                        runs += 1;
-                        total += errors_of(&v);
+                    // ha-postgres keeps one run per replica count under "runs".
+                    let nested = v.get("runs").and_then(Value::as_array).cloned();
+                    for run in nested.unwrap_or_else(|| vec![v]) {
+                        if run.get("errors").is_some() {
+                            runs += 1;
+                            total += errors_of(&run);
+                        }
                     }
                 }
             }
@@ -591,6 +737,27 @@ fn generate(r: &Results, criterion_dir: &Path) -> String {
                 f0(num(&f, &["floor", "jwt"])),
                 f0(num(&f, &["measured_all_cores_jwt"])),
             );
+            if num(&f, &["attest_us", "nitro_verify"]).is_some() {
+                s.push_str("Attestation (with the broker's verifiers on generated evidence; `sigil-bench` built with `--features test-support`):\n\n| operation | µs | ops/s on 1 core |\n|---|---:|---:|\n");
+                for (k, name) in [
+                    ("nitro_verify", "Nitro document verify (`NitroAttestor::attest`: COSE_Sign1 ES384, leaf → intermediate → root, P-384 each, key binding)"),
+                    ("oidc_verify_rs256", "OIDC token verify (`OidcAttestor::attest`: RS256 2048-bit, claims, selectors)"),
+                    ("loadgen_nitro_document", "load generator: build + ES384-sign a Nitro document (per request)"),
+                    ("prepared_oidc_mint_rs256", "RS256 token mint (before the clock, not per request)"),
+                ] {
+                    let us = num(&f, &["attest_us", k]);
+                    let _ = writeln!(s, "| {name} | {} | {} |", f2(us), f0(us.map(|u| 1e6 / u)));
+                }
+                let _ = writeln!(
+                    s,
+                    "\nPer attestation enrollment (CSR verify + evidence verify + sign, no JWT): Nitro **{} µs → floor {} /s**, \
+                     OIDC **{} µs → floor {} /s** on {cores:.0} cores. GetChallenge and the one-use bookkeeping cost no crypto.\n",
+                    f1(num(&f, &["per_attest_enroll_us", "nitro", "nojwt"])),
+                    f0(num(&f, &["floor_attest", "nitro", "nojwt"])),
+                    f1(num(&f, &["per_attest_enroll_us", "oidc", "nojwt"])),
+                    f0(num(&f, &["floor_attest", "oidc", "nojwt"])),
+                );
+            }
         }
         None => s.push_str("not measured\n\n"),
     }
@@ -613,6 +780,23 @@ fn generate(r: &Results, criterion_dir: &Path) -> String {
     scenario_table(&mut s, r, "renew", " (verify + sign)");
     s.push_str("#### fetch-jwt (FetchJWT over one mTLS connection per client)\n\n");
     scenario_table(&mut s, r, "fetchjwt", " (one ES256)");
+
+    s.push_str(
+        "#### enroll-nitro (GetChallenge, then Enroll with an AWS Nitro attestation document, no JWT)\n\n\
+         A P-384 root → intermediate → signer generated for the run, trusted through `attestation.nitro_roots_file`; \
+         a plan entry on PCR0–2. Per enrollment: GetChallenge (a durable challenge row), the load generator signs a \
+         document over that nonce binding the CSR key (`public_key`), Enroll verifies the chain and the key binding \
+         and consumes the challenge with the certificate record. Latency covers all three steps.\n\n",
+    );
+    attest_table(&mut s, r, "nitro", "Nitro");
+    s.push_str(
+        "#### enroll-oidc (Enroll with a GitHub-Actions-style RS256 token, no JWT)\n\n\
+         An issuer key generated for the run, trusted through `[[attestation.oidc]]` with a `jwks_file`; the \
+         `github-actions` preset and a plan entry on repository + ref. Tokens are minted before the clock (a CI job \
+         receives its token; it does not sign it), each with a fresh `jti` that the broker records with the certificate. \
+         No CSR binding claim (GitHub cannot carry one).\n\n",
+    );
+    attest_table(&mut s, r, "oidc", "OIDC");
 
     // CFSSL.
     let cf = cfssl(&r.dir);
@@ -719,6 +903,8 @@ fn generate(r: &Results, criterion_dir: &Path) -> String {
     }
     s.push('\n');
 
+    ha_section(&mut s, r);
+
     // Memory and startup.
     s.push_str("### Memory and startup of the real binary (`target/release/sigil serve --listen 127.0.0.1:0`)\n\n");
     let st = r.json("startup.json");
@@ -802,14 +988,6 @@ fn generate(r: &Results, criterion_dir: &Path) -> String {
     }
     s.push('\n');
 
-    s.push_str(
-        "### Pending scenarios\n\n`sigil-bench` accepts these names but exits 2 with \"not available in this build yet\":\n\n\
-         | scenario | needs |\n|---|---|\n\
-         | `enroll-nitro` | a Nitro attestation document source and a plan that trusts its root (the broker's verifier exists; its test PKI is only exposed behind the `test-support` feature) |\n\
-         | `enroll-oidc` | an OIDC issuer that the broker's plan trusts |\n\
-         | `ha-postgres` | a PostgreSQL server and 3 broker replicas started by the benchmark (the PostgreSQL store exists) |\n\n",
-    );
-
     // Criterion.
     s.push_str("### Micro-benchmarks (criterion, `cargo bench`)\n\n");
     let crit = criterion(criterion_dir);
@@ -890,5 +1068,58 @@ mod tests {
         assert!(doc.ends_with("\noutro\n"));
         assert!(!doc.contains("\nold\n"));
         assert!(doc.contains("3.50×"), "{doc}");
+        assert!(!doc.contains("Pending scenarios"));
+    }
+
+    #[test]
+    fn attestation_and_replica_tables() {
+        let dir = crate::TempDir::new("report-test").unwrap_or_else(|e| panic!("{e}"));
+        let write = |name: &str, text: &str| {
+            fs::write(dir.path().join(name), text).unwrap_or_else(|e| panic!("{e}"));
+        };
+        write(
+            "nitro-c8.json",
+            r#"{"rps": 1240.7, "errors": {}, "latency_ms": {"p50": 6.16, "p99": 11.8}, "cores": 2,
+                "cpu_us_per_request": {"broker": 1119, "loadgen": 252},
+                "attestation": {"loadgen_evidence_us_per_request": 122.4}}"#,
+        );
+        write(
+            "ha-pg-c64.json",
+            r#"{"scenario": "ha-postgres", "cores": 2,
+                "store": {"server_version": "15.18", "fsync": "on", "synchronous_commit": "on",
+                          "full_page_writes": "on", "server_cpu_measured": true},
+                "runs": [
+                  {"replicas": 1, "rps": 1122.1, "errors": {}, "latency_ms": {"p50": 55.2},
+                   "cpu_cores": {"broker": 0.58, "database": 0.76}, "cpu_us_per_request": {"database": 694}},
+                  {"replicas": 3, "rps": 622.7, "errors": {"UNAVAILABLE": 2}, "latency_ms": {"p50": 99.9},
+                   "cpu_cores": {"broker": 0.35, "database": 0.45}}]}"#,
+        );
+        write(
+            "tok-off-c64.json",
+            r#"{"rps": 3500.0, "errors": {}, "latency_ms": {"p99": 8.0}, "cores": 2,
+                "cpu_cores": {"broker": 1.3, "broker_store_writer": 0.5}}"#,
+        );
+        let doc = generate(
+            &Results {
+                dir: dir.path().to_path_buf(),
+            },
+            &dir.path().join("none"),
+        );
+        assert!(doc.contains("| 8 | 1,241 | 6.16 |"), "{doc}");
+        assert!(doc.contains("| 252 (122) |"), "{doc}");
+        assert!(doc.contains("| 64 | not measured |"), "{doc}");
+        assert!(
+            doc.contains("| PostgreSQL | 1 | 64 | 1,122 | 55.20 |"),
+            "{doc}"
+        );
+        assert!(doc.contains("| PostgreSQL | 3 | 64 | 623 |"), "{doc}");
+        assert!(doc.contains("UNAVAILABLE: 2"), "{doc}");
+        assert!(
+            doc.contains("| embedded SQLite ¹ | 1 | 64 | 3,500 |"),
+            "{doc}"
+        );
+        assert!(doc.contains("0.58 / 0.76 /"), "{doc}");
+        // tok-off, nitro and the two replica runs.
+        assert!(doc.contains("2 failed requests in 4 runs"), "{doc}");
     }
 }
