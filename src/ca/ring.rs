@@ -546,12 +546,22 @@ impl Authority {
         let m: Manifest = serde_json::from_slice(&bytes)
             .map_err(|e| CaError::Certificate(format!("{}: {e}", path.display())))?;
         let current = self.view();
+        // The key files are compared too, not only the manifest: replicas that
+        // created generation 1 at the same instant write identical manifests,
+        // and the one that lost the race must switch to the winner's keys.
+        let view = self.build_view(&m, now_ms)?;
+        let pins = |v: &RingView| -> Vec<(u32, String, String)> {
+            v.generations
+                .iter()
+                .map(|(g, ca)| (g.id, ca.ca_pin().to_owned(), ca.jwt_kid().to_owned()))
+                .collect()
+        };
         if current.manifest.sequence == m.sequence
             && serde_json::to_vec(&current.manifest).ok() == serde_json::to_vec(&m).ok()
+            && pins(&current) == pins(&view)
         {
             return Ok(false);
         }
-        let view = self.build_view(&m, now_ms)?;
         *self.view.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(view);
         Ok(true)
     }
@@ -631,6 +641,33 @@ mod tests {
         assert!(!created);
         assert_eq!(b.view().sequence, v.sequence);
         assert_eq!(b.active().ca_pin(), v.active().ca_pin());
+    }
+
+    /// Two replicas that create generation 1 at the same instant write
+    /// identical manifests; the one whose keys lost the publish race gets the
+    /// winner's key files pulled into its dir and must switch to them.
+    #[test]
+    fn reload_adopts_replaced_keys_under_an_identical_manifest() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, _) =
+            Authority::load_or_create(da.path(), &td(), T0, RingOptions::default()).unwrap();
+        let (b, _) =
+            Authority::load_or_create(db.path(), &td(), T0, RingOptions::default()).unwrap();
+        assert_eq!(
+            fs::read(da.path().join("ca/ring.json")).unwrap(),
+            fs::read(db.path().join("ca/ring.json")).unwrap(),
+            "same instant, same manifest"
+        );
+        assert_ne!(a.active().ca_pin(), b.active().ca_pin());
+        assert!(!a.reload(T0).unwrap(), "nothing changed on disk");
+        for f in ["ca.key", "ca.crt", "jwt.key"] {
+            let rel = format!("ca/g1/{f}");
+            fs::copy(db.path().join(&rel), da.path().join(&rel)).unwrap();
+        }
+        assert!(a.reload(T0).unwrap());
+        assert_eq!(a.active().ca_pin(), b.active().ca_pin());
+        assert_eq!(a.active().jwt_kid(), b.active().jwt_kid());
+        assert!(!a.reload(T0).unwrap());
     }
 
     #[test]
