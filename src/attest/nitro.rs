@@ -30,7 +30,8 @@
 //! trust anything in the document before the signature check except to
 //! locate the keys that check uses.
 
-use std::collections::{btree_map::Entry, BTreeMap};
+use std::collections::{btree_map::Entry, BTreeMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P384_SHA384_ASN1, ECDSA_P384_SHA384_FIXED};
 use ciborium::Value;
@@ -164,6 +165,51 @@ struct TrustAnchor {
 #[derive(Debug, Clone)]
 pub struct NitroAttestor {
     anchors: Vec<TrustAnchor>,
+    /// Certificate signatures already verified (see [`SignatureCache`]).
+    verified: Arc<SignatureCache>,
+}
+
+/// Remembers which certificate signatures verified under which issuer key,
+/// so that the chain links every document from one host repeats (the AWS
+/// root → regional → zonal → instance certificates, and the enclave's
+/// signing certificate for its later documents) cost one SHA-256 instead of
+/// one P-384 verification each. Keyed by SHA-256 over the issuer's point
+/// and the whole certificate DER (signature included), so a hit means these
+/// exact bytes verified under this exact key; only successes are kept.
+/// Names, extensions and validity are still checked on every document, and
+/// the document's own COSE signature is always verified. Bounded: emptied
+/// when full.
+#[derive(Debug, Default)]
+struct SignatureCache(Mutex<HashSet<[u8; 32]>>);
+
+/// Entries kept before [`SignatureCache`] starts over (32 bytes each).
+const SIGNATURE_CACHE_MAX: usize = 4096;
+
+impl SignatureCache {
+    fn key(cert: &X509Certificate<'_>, point: &[u8]) -> [u8; 32] {
+        let mut input = Vec::with_capacity(8 + point.len() + cert.as_raw().len());
+        input.extend_from_slice(&(point.len() as u64).to_be_bytes());
+        input.extend_from_slice(point);
+        input.extend_from_slice(cert.as_raw());
+        sha256(&input)
+    }
+
+    /// Whether `cert`'s signature verifies with `point`, from the cache or
+    /// by verifying (and remembering a success).
+    fn verify(&self, cert: &X509Certificate<'_>, point: &[u8]) -> Result<(), ()> {
+        let key = Self::key(cert, point);
+        let lock = || self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if lock().contains(&key) {
+            return Ok(());
+        }
+        verify_cert_signature(cert, point)?;
+        let mut seen = lock();
+        if seen.len() >= SIGNATURE_CACHE_MAX {
+            seen.clear();
+        }
+        seen.insert(key);
+        Ok(())
+    }
 }
 
 impl NitroAttestor {
@@ -197,7 +243,10 @@ impl NitroAttestor {
                 path_len,
             });
         }
-        Ok(Self { anchors })
+        Ok(Self {
+            anchors,
+            verified: Arc::default(),
+        })
     }
 }
 
@@ -335,7 +384,7 @@ impl NitroAttestor {
             }
             check_issuer_extensions(issuer, below).map_err(|e| invalid(format!("{role}: {e}")))?;
             let issuer_point = p384_point(issuer).map_err(|e| invalid(format!("{role}: {e}")))?;
-            verify_cert_signature(child, issuer_point).map_err(|()| {
+            self.verified.verify(child, issuer_point).map_err(|()| {
                 invalid(format!(
                     "signature of {} does not verify with the key of {role}",
                     self::role(below)
@@ -354,7 +403,7 @@ impl NitroAttestor {
                 continue;
             }
             named = true;
-            if verify_cert_signature(top, &anchor.point).is_err() {
+            if self.verified.verify(top, &anchor.point).is_err() {
                 continue;
             }
             if !(anchor.not_before <= at_secs && at_secs <= anchor.not_after) {
@@ -1184,6 +1233,49 @@ mod tests {
         assert!(
             e.contains("issuer name differs") || e.contains("not a CA"),
             "{e}"
+        );
+    }
+
+    /// The signature cache only ever skips a check these exact bytes passed
+    /// under this exact key: after a good document, a certificate with a
+    /// tampered signature is still refused by the same verifier.
+    #[test]
+    fn signature_cache_never_accepts_other_bytes() {
+        let pki = NitroPki::new();
+        let csr = test_csr();
+        let a = attestor(&pki);
+        let input = |doc: &[u8]| {
+            a.attest(&AttestInput {
+                document: doc,
+                csr_der: &csr.0,
+                csr_spki_der: &csr.1,
+                now_ms: NOW_MS,
+                window_secs: WINDOW,
+            })
+        };
+        let good = pki.document().public_key(Opt::Bytes(csr.1.clone())).build();
+        input(&good).unwrap();
+        input(&good).unwrap();
+        assert_eq!(
+            a.verified.0.lock().unwrap().len(),
+            2,
+            "leaf and intermediate links"
+        );
+        // The leaf's signature is its last bytes.
+        let mut leaf = pki.leaf_der().to_vec();
+        let last = leaf.len() - 1;
+        leaf[last] ^= 0x01;
+        let forged = pki
+            .document()
+            .public_key(Opt::Bytes(csr.1.clone()))
+            .certificate(leaf)
+            .build();
+        let e = err(input(&forged));
+        assert!(e.contains("signature of leaf"), "{e}");
+        assert_eq!(
+            a.verified.0.lock().unwrap().len(),
+            2,
+            "failures are not cached"
         );
     }
 
