@@ -28,12 +28,38 @@
 //! * shared metadata uses `INSERT … ON CONFLICT DO NOTHING` then a re-read,
 //!   and compare-and-swap is a conditional `UPDATE` (one row or none).
 //!
-//! # The audit chain
-//! Appends are serialized with a transaction-level advisory lock taken as
-//! the last step of the transaction that records the event; the head is read
-//! from the table after taking it, so the chain stays one chain whatever
-//! replica appends. Every transaction takes its other locks first and the
-//! audit lock last, so lock waits cannot form a cycle.
+//! # Writes: group commit, one lock order
+//! Every state-changing method becomes a job on a channel, answered through
+//! a oneshot. One batching task per store takes a job, drains up to
+//! `MAX_BATCH - 1` (127) more already queued, and runs them all in one
+//! transaction on one pooled connection (one WAL flush for the batch): `BEGIN`,
+//! the audit lock, then each job inside `SAVEPOINT op`. A job that keeps its
+//! changes releases the savepoint; a refusal (`Finish::Rollback`) rolls back
+//! to it; a job that fails with an error is rolled back to it and answered
+//! with its error at once (nothing of it can commit), and the others go on.
+//! Every other answer is sent only after `COMMIT` returned, so `Ok` (and a
+//! refusal) always describes durable state. If the batch cannot commit (lost
+//! connection, `COMMIT` failed, the batch outlived its time limit), every job
+//! not yet answered gets `Unavailable`. A caller that stops waiting does not
+//! cancel its write: once queued, a job is applied.
+//!
+//! The audit chain needs one global order, so appends are serialized with a
+//! transaction-level advisory lock ([`AUDIT_LOCK`]) and the head is read
+//! from the table after taking it (in READ COMMITTED each statement sees
+//! everything committed before it started, including the previous holder's
+//! rows; later jobs of a batch see earlier ones' rows, same transaction).
+//! Every write transaction takes that lock *first*, before any savepoint
+//! (rolling back to a savepoint would release a lock taken after it) and
+//! before any row or other advisory lock. So write transactions, on every
+//! replica, run one at a time, and no lock wait can form a cycle: a batch
+//! that holds row locks holds the audit lock, and every other write
+//! transaction is still waiting for that lock and holds nothing. (Without
+//! this order, an earlier job of a batch could hold the audit lock while a
+//! later one waits on a row another replica's batch has locked, which waits
+//! for the audit lock: a deadlock that fails both batches.) The plan and
+//! revocation advisory locks and the row locks above are still taken, after
+//! it; schema migrations run at startup outside the batcher under their own
+//! lock and take no sigil lock after it.
 //!
 //! # Failures
 //! A lost connection or a timeout is `Unavailable` (the operation may or may
@@ -50,12 +76,12 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{broadcast, mpsc, watch, Semaphore, SemaphorePermit};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore, SemaphorePermit};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_postgres::types::{FromSql, ToSql};
@@ -186,7 +212,8 @@ CREATE TABLE meta (
 
 /// Advisory lock keys (one namespace per database): "SIGL" and a number.
 const MIGRATION_LOCK: i64 = 0x5349_474C_0000_0001;
-/// Serializes audit appends (always the last lock a transaction takes).
+/// Serializes write transactions, hence audit appends; the first lock every
+/// write transaction takes (see the module docs).
 const AUDIT_LOCK: i64 = 0x5349_474C_0000_0002;
 /// Serializes plan writes.
 const PLAN_LOCK: i64 = 0x5349_474C_0000_0003;
@@ -476,11 +503,13 @@ fn plan_from_row(r: &Row) -> Result<PlanRecord, StoreError> {
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
 /// One server connection with its prepared statements. `broken` is set when
-/// an error means it must not be reused.
+/// an error means it must not be reused; `audit_locked` while its open
+/// transaction holds [`AUDIT_LOCK`].
 struct PgConn {
     client: Client,
     statements: HashMap<&'static str, Statement>,
     broken: bool,
+    audit_locked: bool,
 }
 
 impl PgConn {
@@ -499,6 +528,7 @@ impl PgConn {
             client,
             statements: HashMap::new(),
             broken: false,
+            audit_locked: false,
         };
         timeout(t.op, conn.batch(setup))
             .await
@@ -688,18 +718,18 @@ enum Finish<T> {
 type TxBody<'c, T> = Pin<Box<dyn Future<Output = Result<Finish<T>, StoreError>> + Send + 'c>>;
 
 /// The PostgreSQL [`Store`]. Open with [`PostgresStore::connect`]; call
-/// [`Store::close`] on shutdown (dropping it also stops the listener and
-/// closes the idle connections).
+/// [`Store::close`] on shutdown (dropping it also stops the listener and the
+/// batcher, and closes the idle connections once the batcher is done).
 pub struct PostgresStore {
-    pool: Pool,
+    pool: Arc<Pool>,
+    /// Writes for the batcher (see the module docs).
+    jobs: mpsc::Sender<Box<dyn Job>>,
+    stats: Arc<BatchStats>,
     events: broadcast::Sender<StoreEvent>,
-    /// Set to `true` (or dropped) to stop the listener.
+    /// Set to `true` (or dropped) to stop the listener and the batcher.
     stop: watch::Sender<bool>,
     listener: tokio::sync::Mutex<Option<JoinHandle<()>>>,
-    /// Plan writes from this replica go one at a time, in call order (tokio's
-    /// mutex is fair), instead of each holding a pooled connection while
-    /// waiting on the plan lock; across replicas the lock decides.
-    plan_gate: tokio::sync::Mutex<()>,
+    batcher: tokio::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -738,7 +768,7 @@ impl PostgresStore {
             config.application_name("sigil");
             listen_config.application_name("sigil-listener");
         }
-        let pool = Pool::new(config, opts.pool_size, t);
+        let pool = Arc::new(Pool::new(config, opts.pool_size, t));
         {
             let mut lease = pool.get().await?;
             timeout(
@@ -752,6 +782,14 @@ impl PostgresStore {
         let (events, _) = broadcast::channel(64);
         let first = ListenSession::open(&listen_config, t).await?;
         let (stop, stop_rx) = watch::channel(false);
+        let (jobs, queue) = mpsc::channel(QUEUE);
+        let stats = Arc::new(BatchStats::default());
+        let batcher = tokio::spawn(run_batcher(
+            Arc::clone(&pool),
+            queue,
+            stop_rx.clone(),
+            Arc::clone(&stats),
+        ));
         let listener = tokio::spawn(run_listener(
             listen_config,
             first,
@@ -761,57 +799,36 @@ impl PostgresStore {
         ));
         Ok(Self {
             pool,
+            jobs,
+            stats,
             events,
             stop,
             listener: tokio::sync::Mutex::new(Some(listener)),
-            plan_gate: tokio::sync::Mutex::new(()),
+            batcher: tokio::sync::Mutex::new(Some(batcher)),
         })
     }
 
-    /// Runs `body` in one transaction: `BEGIN`, the body, then `COMMIT` or
-    /// `ROLLBACK` as it says. Never retried: on a lost connection or a
-    /// timeout the outcome is unknown and the caller gets `Unavailable`.
+    /// Runs `body` as one job of a write batch (see the module docs): inside
+    /// a savepoint of the batch's transaction, kept or rolled back as it
+    /// says, answered once the batch committed. Never retried: on a lost
+    /// connection or a timeout the outcome is unknown and the caller gets
+    /// `Unavailable`.
     async fn write<T, F>(&self, body: F) -> Result<T, StoreError>
     where
-        T: Send,
-        F: for<'c> FnOnce(&'c mut PgConn) -> TxBody<'c, T> + Send,
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut PgConn) -> TxBody<'c, T> + Send + 'static,
     {
-        let mut lease = self.pool.get().await?;
-        let run = async {
-            let conn = &mut lease.conn;
-            conn.batch("BEGIN").await?;
-            match body(conn).await? {
-                Finish::Commit(v) => {
-                    conn.batch("COMMIT").await?;
-                    Ok(v)
-                }
-                Finish::Rollback(v) => {
-                    conn.batch("ROLLBACK").await?;
-                    Ok(v)
-                }
-            }
-        };
-        match timeout(self.pool.t.op, run).await {
-            Ok(Ok(v)) => {
-                lease.keep();
-                Ok(v)
-            }
-            Ok(Err(e)) => {
-                // The transaction may still be open (aborted): end it before
-                // reusing the connection, or drop the connection.
-                if lease.conn.usable()
-                    && matches!(
-                        timeout(self.pool.t.statement, lease.conn.batch("ROLLBACK")).await,
-                        Ok(Ok(()))
-                    )
-                {
-                    lease.keep();
-                }
-                Err(e)
-            }
-            // Dropping the lease closes the connection; the server rolls back.
-            Err(_) => Err(timed_out("waiting for the database")),
+        let (reply, answer) = oneshot::channel();
+        let job: Box<dyn Job> = Box::new(Write {
+            body: Some(body),
+            value: None,
+            reply,
+        });
+        if self.jobs.send(job).await.is_err() {
+            return Err(closed());
         }
+        // The batcher answers every job it takes; no answer means it is gone.
+        answer.await.unwrap_or_else(|_| Err(closed()))
     }
 
     /// Runs one read statement; if the connection turns out to be dead (e.g.
@@ -963,19 +980,16 @@ impl Store for PostgresStore {
         &self,
         install: BootstrapInstall,
     ) -> Result<BootstrapOutcome, StoreError> {
-        let _gate = self.plan_gate.lock().await;
         self.write(move |c| Box::pin(bootstrap_plan(c, install)))
             .await
     }
 
     async fn propose_plan(&self, proposal: PlanProposal) -> Result<ProposeOutcome, StoreError> {
-        let _gate = self.plan_gate.lock().await;
         self.write(move |c| Box::pin(propose_plan(c, proposal)))
             .await
     }
 
     async fn approve_plan(&self, approval: PlanApproval) -> Result<ApproveOutcome, StoreError> {
-        let _gate = self.plan_gate.lock().await;
         self.write(move |c| Box::pin(approve_plan(c, approval)))
             .await
     }
@@ -1160,10 +1174,234 @@ impl Store for PostgresStore {
                 }
             }
         }
-        // Every write commits before it returns: waiting for those in
-        // flight is all that "durable" needs here.
+        // The batcher stops taking writes, applies those already queued and
+        // ends; every write commits before it is answered, so that is all
+        // "durable" needs here.
+        let mut batcher = self.batcher.lock().await;
+        if let Some(handle) = batcher.take() {
+            if let Err(e) = handle.await {
+                if e.is_panic() {
+                    tracing::error!("store write batcher panicked");
+                }
+            }
+            tracing::debug!(
+                batches = self.stats.batches.load(Ordering::Relaxed),
+                writes = self.stats.writes.load(Ordering::Relaxed),
+                "store write batcher stopped"
+            );
+        }
         self.pool.close().await;
     }
+}
+
+// === Group commit ===
+
+/// Most writes committed in one transaction.
+const MAX_BATCH: usize = 128;
+/// Writes queued for the batcher; beyond this, writers wait to enqueue.
+const QUEUE: usize = 8 * MAX_BATCH;
+
+/// Opens a batch: the transaction, the audit lock (first, outside any
+/// savepoint, so no rollback to a savepoint can release it), the first
+/// job's savepoint. One round trip. The literal is [`AUDIT_LOCK`] (a test
+/// checks it).
+const BATCH_BEGIN: &str = "BEGIN; SELECT pg_advisory_xact_lock(6001406370190983170); SAVEPOINT op";
+/// Between jobs, after one that keeps its changes / one that does not.
+const NEXT_AFTER_KEEP: &str = "RELEASE SAVEPOINT op; SAVEPOINT op";
+const NEXT_AFTER_UNDO: &str = "ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op; SAVEPOINT op";
+/// Ends a batch, after a last job that keeps its changes / one that does not.
+const COMMIT_AFTER_KEEP: &str = "COMMIT";
+const COMMIT_AFTER_UNDO: &str = "ROLLBACK TO SAVEPOINT op; COMMIT";
+
+/// Counters of the batcher: batches committed, writes in them (answered
+/// after a commit, refusals included).
+#[derive(Debug, Default)]
+struct BatchStats {
+    batches: AtomicU64,
+    writes: AtomicU64,
+}
+
+type JobRun<'c> = Pin<Box<dyn Future<Output = Result<bool, StoreError>> + Send + 'c>>;
+
+/// One queued write with its reply, type-erased for the batcher's queue.
+trait Job: Send {
+    /// Runs the body once; `Ok(true)` to keep its changes, `Ok(false)` to
+    /// roll them back (its value is kept for [`Job::answer`] either way).
+    fn run<'c>(&'c mut self, c: &'c mut PgConn) -> JobRun<'c>;
+    /// Answers the caller: the body's value if `outcome` is `Ok`.
+    fn answer(self: Box<Self>, outcome: Result<(), StoreError>);
+}
+
+/// A [`Job`] from [`PostgresStore::write`].
+struct Write<T, F> {
+    body: Option<F>,
+    value: Option<T>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Job for Write<T, F>
+where
+    T: Send + 'static,
+    F: for<'c> FnOnce(&'c mut PgConn) -> TxBody<'c, T> + Send + 'static,
+{
+    fn run<'c>(&'c mut self, c: &'c mut PgConn) -> JobRun<'c> {
+        Box::pin(async move {
+            let body = self
+                .body
+                .take()
+                .ok_or_else(|| StoreError::Unavailable("write job run twice".into()))?;
+            let (value, keep) = match body(c).await? {
+                Finish::Commit(v) => (v, true),
+                Finish::Rollback(v) => (v, false),
+            };
+            self.value = Some(value);
+            Ok(keep)
+        })
+    }
+
+    fn answer(self: Box<Self>, outcome: Result<(), StoreError>) {
+        let Write { value, reply, .. } = *self;
+        let result = outcome.and_then(|()| {
+            value.ok_or_else(|| StoreError::Unavailable("write job not run".into()))
+        });
+        // The caller may have stopped waiting.
+        drop(reply.send(result));
+    }
+}
+
+/// The batch's failure as each unanswered job sees it: the outcome is
+/// unknown, whatever the failing statement was.
+fn batch_failure(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Unavailable(m) | StoreError::Conflict(m) | StoreError::Corrupt(m) => {
+            StoreError::Unavailable(m.clone())
+        }
+    }
+}
+
+/// The batching task: takes a job, drains more already queued, applies
+/// them in one transaction; until a stop is requested (or the store is
+/// gone), then it applies what is still queued and ends.
+async fn run_batcher(
+    pool: Arc<Pool>,
+    mut queue: mpsc::Receiver<Box<dyn Job>>,
+    mut stop: watch::Receiver<bool>,
+    stats: Arc<BatchStats>,
+) {
+    let mut stopping = false;
+    let mut batch: Vec<Option<Box<dyn Job>>> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let first = if stopping {
+            queue.recv().await
+        } else {
+            tokio::select! {
+                biased;
+                () = stop_requested(&mut stop) => {
+                    // Refuse new writes; those queued are still received.
+                    stopping = true;
+                    queue.close();
+                    continue;
+                }
+                job = queue.recv() => job,
+            }
+        };
+        let Some(first) = first else {
+            return;
+        };
+        batch.push(Some(first));
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(Some(job)),
+                Err(_) => break,
+            }
+        }
+        run_batch(&pool, &mut batch, &stats).await;
+        batch.clear();
+    }
+}
+
+/// Applies `batch` in one transaction and answers every job in it.
+async fn run_batch(pool: &Pool, batch: &mut [Option<Box<dyn Job>>], stats: &BatchStats) {
+    let outcome = match pool.get().await {
+        Err(e) => Err(e),
+        Ok(mut lease) => {
+            let applied = timeout(pool.t.op, apply_batch(&mut lease.conn, batch)).await;
+            lease.conn.audit_locked = false;
+            match applied {
+                Ok(Ok(())) => {
+                    lease.keep();
+                    Ok(())
+                }
+                Ok(Err(e)) => {
+                    // The transaction may still be open (aborted): end it
+                    // before reusing the connection, or drop the connection.
+                    if lease.conn.usable()
+                        && matches!(
+                            timeout(pool.t.statement, lease.conn.batch("ROLLBACK")).await,
+                            Ok(Ok(()))
+                        )
+                    {
+                        lease.keep();
+                    }
+                    Err(e)
+                }
+                // Dropping the lease closes the connection; the server
+                // rolls back.
+                Err(_) => Err(timed_out("waiting for the database")),
+            }
+        }
+    };
+    match outcome {
+        Ok(()) => {
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+            for job in batch.iter_mut().filter_map(Option::take) {
+                stats.writes.fetch_add(1, Ordering::Relaxed);
+                job.answer(Ok(()));
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "store write batch failed");
+            for job in batch.iter_mut().filter_map(Option::take) {
+                job.answer(Err(batch_failure(&e)));
+            }
+        }
+    }
+}
+
+/// The transaction of a batch (see the module docs). A job that fails with
+/// an error is answered here, at once; the others stay in `batch` for the
+/// caller to answer once the outcome of `COMMIT` is known.
+async fn apply_batch(c: &mut PgConn, batch: &mut [Option<Box<dyn Job>>]) -> Result<(), StoreError> {
+    let mut next = BATCH_BEGIN;
+    let mut keep = true;
+    for slot in batch.iter_mut() {
+        let Some(job) = slot.as_mut() else {
+            continue;
+        };
+        c.batch(next).await?;
+        c.audit_locked = true;
+        match job.run(c).await {
+            Ok(true) => keep = true,
+            Ok(false) => keep = false,
+            Err(e) => {
+                keep = false;
+                if let Some(job) = slot.take() {
+                    job.answer(Err(e));
+                }
+            }
+        }
+        next = if keep {
+            NEXT_AFTER_KEEP
+        } else {
+            NEXT_AFTER_UNDO
+        };
+    }
+    c.batch(if keep {
+        COMMIT_AFTER_KEEP
+    } else {
+        COMMIT_AFTER_UNDO
+    })
+    .await
 }
 
 // === Schema ===
@@ -1242,13 +1480,16 @@ async fn remember_nonce(
     Ok(c.execute(INSERT_NONCE, &[&nonce, &expires_at_ms]).await? == 1)
 }
 
-/// Links `audit` to the chain head and inserts it. Takes the audit lock,
-/// held until the transaction ends, so call it last.
+/// Links `audit` to the chain head and inserts it. The batch's transaction
+/// already holds the audit lock (taken first); a transaction that does not
+/// takes it here, held until it ends.
 async fn append_audit(c: &mut PgConn, audit: &AuditRecord) -> Result<u64, StoreError> {
     const HEAD: &str = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
     const INSERT: &str = "INSERT INTO audit (seq, time_ms, kind, outcome, fields_json, \
          prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7)";
-    lock(c, AUDIT_LOCK).await?;
+    if !c.audit_locked {
+        lock(c, AUDIT_LOCK).await?;
+    }
     // Read after the lock: in READ COMMITTED each statement sees everything
     // committed before it started, including the previous holder's row.
     let (prev_seq, prev_hash) = match c.query_opt(HEAD, &[]).await? {
@@ -1634,8 +1875,7 @@ async fn propose_plan(
     if activates {
         activate(c, version, p.now_ms).await?;
     }
-    // Audit rows last (the audit lock is the last lock taken), in the same
-    // order as the events.
+    // Audit rows in the same order as the events.
     let mut audit = p.audit;
     audit.fields.insert("version".into(), version.into());
     append_audit(c, &audit).await?;
@@ -2153,6 +2393,226 @@ mod tests {
         db.drop_db().await;
     }
 
+    /// Holds the audit lock from a connection of the test's own (a session
+    /// lock), so a store's batcher blocks at the start of its next batch
+    /// and the writes sent meanwhile queue up behind it.
+    async fn hold_audit_lock(db: &TestDb) -> Client {
+        let client = db.client().await;
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&AUDIT_LOCK])
+            .await
+            .unwrap();
+        client
+    }
+
+    async fn release_audit_lock(client: Client) {
+        let released: bool = client
+            .query_one("SELECT pg_advisory_unlock($1)", &[&AUDIT_LOCK])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(released);
+    }
+
+    fn batch_stats(s: &PostgresStore) -> (u64, u64) {
+        (
+            s.stats.batches.load(Ordering::Relaxed),
+            s.stats.writes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Concurrent writes share transactions: 300 token creations queued
+    /// while the batcher waits for the audit lock commit in at most four
+    /// batches (the first, then ⌈299 / 128⌉), all succeed, and the audit
+    /// rows form one valid chain.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writes_commit_in_few_batches() {
+        const N: usize = 300;
+        let Some(db) = TestDb::create().await else {
+            return;
+        };
+        let store = Arc::new(db.store().await);
+        let held = hold_audit_lock(&db).await;
+        let before = batch_stats(&store);
+        let tasks: Vec<_> = (0..N)
+            .map(|i| {
+                let s = Arc::clone(&store);
+                let t = token(&format!("batch-{i}"), 1, 3_600_000);
+                tokio::spawn(async move { s.create_token(t.clone(), created(&t)).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        release_audit_lock(held).await;
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        let (batches, writes) = batch_stats(&store);
+        let (batches, writes) = (batches - before.0, writes - before.1);
+        assert_eq!(writes, N as u64);
+        assert!(batches <= 4, "{N} writes took {batches} transactions");
+        let c = store.counts().await.unwrap();
+        assert_eq!((c.tokens, c.audit), (N as u64, N as u64));
+        let rows = conformance::all_audit(store.as_ref()).await;
+        assert_eq!(audit::verify_chain(&rows), Ok(N as u64));
+        // And without a held lock: still fewer transactions than writes.
+        let before = batch_stats(&store);
+        let outs = join_all(
+            (0..N as u64)
+                .map(|i| store.append_audit(record(i)))
+                .collect(),
+        )
+        .await;
+        assert!(outs.iter().all(Result::is_ok));
+        let (batches, writes) = batch_stats(&store);
+        assert_eq!(writes - before.1, N as u64);
+        assert!(batches - before.0 < N as u64);
+        let rows = conformance::all_audit(store.as_ref()).await;
+        assert_eq!(audit::verify_chain(&rows), Ok(2 * N as u64));
+        Arc::into_inner(store).unwrap().close().await;
+        db.drop_db().await;
+    }
+
+    /// One batch holding writes that fail (duplicate token ids, in the
+    /// middle and last) and a refusal among writes that succeed: the
+    /// failures get `Conflict`, the refusal its outcome, the others commit,
+    /// all in one transaction, and the audit chain has exactly their rows.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn failing_write_in_a_batch_leaves_the_others() {
+        let Some(db) = TestDb::create().await else {
+            return;
+        };
+        let store = Arc::new(db.store().await);
+        let dup = token("dup", 1, 3_600_000);
+        store
+            .create_token(dup.clone(), created(&dup))
+            .await
+            .unwrap();
+        let held = hold_audit_lock(&db).await;
+        let before = batch_stats(&store);
+        // The first write opens a batch that waits for the lock; the next
+        // ones queue behind it, in order.
+        let first = {
+            let s = Arc::clone(&store);
+            tokio::spawn(async move { s.append_audit(record(100)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let pause = Duration::from_millis(20);
+        let a = token("batch-a", 1, 3_600_000);
+        let b = token("batch-b", 1, 3_600_000);
+        let create = |t: TokenRecord| {
+            let s = Arc::clone(&store);
+            tokio::spawn(async move { s.create_token(t.clone(), created(&t)).await })
+        };
+        let ok_a = create(a.clone());
+        tokio::time::sleep(pause).await;
+        let clash = create(dup.clone());
+        tokio::time::sleep(pause).await;
+        let unknown = {
+            let s = Arc::clone(&store);
+            let r = redemption("nope", "k1", "nope-n1", NOW);
+            tokio::spawn(async move { s.redeem_token(r).await })
+        };
+        tokio::time::sleep(pause).await;
+        let audited = {
+            let s = Arc::clone(&store);
+            tokio::spawn(async move { s.append_audit(record(101)).await })
+        };
+        tokio::time::sleep(pause).await;
+        let ok_b = create(b.clone());
+        tokio::time::sleep(pause).await;
+        let clash_last = create(a.clone());
+        tokio::time::sleep(pause).await;
+        release_audit_lock(held).await;
+
+        assert_eq!(first.await.unwrap().unwrap(), 2);
+        ok_a.await.unwrap().unwrap();
+        let e = clash.await.unwrap().unwrap_err();
+        assert!(matches!(e, StoreError::Conflict(_)), "{e:?}");
+        assert_eq!(unknown.await.unwrap().unwrap(), RedeemOutcome::TokenUnknown);
+        assert_eq!(audited.await.unwrap().unwrap(), 4);
+        ok_b.await.unwrap().unwrap();
+        let e = clash_last.await.unwrap().unwrap_err();
+        assert!(matches!(e, StoreError::Conflict(_)), "{e:?}");
+        // The lone first write, then one batch for the rest; the two
+        // failures are not counted as written.
+        let (batches, writes) = batch_stats(&store);
+        assert_eq!((batches - before.0, writes - before.1), (2, 5));
+        let c = store.counts().await.unwrap();
+        assert_eq!((c.tokens, c.nonces, c.audit), (3, 0, 5));
+        assert_eq!(store.fetch_token(&b.token_id).await.unwrap(), Some(b));
+        let rows = conformance::all_audit(store.as_ref()).await;
+        assert_eq!(audit::verify_chain(&rows), Ok(5));
+        // The store keeps working.
+        store.append_audit(record(102)).await.unwrap();
+        Arc::into_inner(store).unwrap().close().await;
+        db.drop_db().await;
+    }
+
+    /// 300 one-use tokens, each redeemed twice through each of two replicas,
+    /// all at once, so batches on both interleave row locks of many tokens:
+    /// one winner per token, never an error (no deadlock, no Unavailable).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_batched_redeems_on_two_replicas_have_one_winner_each() {
+        const TOKENS: usize = 300;
+        const TRIES: usize = 4;
+        let Some(db) = TestDb::create().await else {
+            return;
+        };
+        let stores = [
+            Arc::new(db.store_with(small_pool()).await),
+            Arc::new(db.store_with(small_pool()).await),
+        ];
+        let tokens: Vec<_> = (0..TOKENS)
+            .map(|i| token(&format!("two-{i}"), 1, 3_600_000))
+            .collect();
+        let outs = join_all(
+            tokens
+                .iter()
+                .map(|t| stores[0].create_token(t.clone(), created(t)))
+                .collect(),
+        )
+        .await;
+        assert!(outs.iter().all(Result::is_ok));
+        let mut tasks = Vec::new();
+        for j in 0..TRIES {
+            for i in 0..TOKENS {
+                let s = Arc::clone(&stores[j % 2]);
+                let r = redemption(
+                    &format!("two-{i}"),
+                    &format!("k{i}-{j}"),
+                    &format!("two-n{i}-{j}"),
+                    NOW,
+                );
+                tasks.push((i, tokio::spawn(async move { s.redeem_token(r).await })));
+            }
+        }
+        let mut issued = vec![0usize; TOKENS];
+        for (i, task) in tasks {
+            match task.await.unwrap() {
+                Ok(RedeemOutcome::Issued) => issued[i] += 1,
+                Ok(RedeemOutcome::TokenAlreadyUsed) => {}
+                other => panic!("token {i}: {other:?}"),
+            }
+        }
+        assert!(issued.iter().all(|&n| n == 1), "{issued:?}");
+        let c = stores[1].counts().await.unwrap();
+        assert_eq!(
+            (c.tokens, c.issued, c.nonces, c.audit),
+            (
+                TOKENS as u64,
+                TOKENS as u64,
+                TOKENS as u64,
+                2 * TOKENS as u64
+            )
+        );
+        let rows = conformance::all_audit(stores[0].as_ref()).await;
+        assert_eq!(audit::verify_chain(&rows), Ok(2 * TOKENS as u64));
+        for s in stores {
+            Arc::into_inner(s).unwrap().close().await;
+        }
+        db.drop_db().await;
+    }
+
     /// Bootstraps racing on three replicas: exactly one installs.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_bootstraps_across_replicas_install_once() {
@@ -2460,6 +2920,14 @@ mod tests {
             assert!(!shown.contains(secret), "{shown}");
             assert!(!shown.contains("127.0.0.1"), "{shown}");
         }
+    }
+
+    #[test]
+    fn batch_begin_takes_the_audit_lock() {
+        assert_eq!(
+            BATCH_BEGIN,
+            format!("BEGIN; SELECT pg_advisory_xact_lock({AUDIT_LOCK}); SAVEPOINT op")
+        );
     }
 
     #[test]
