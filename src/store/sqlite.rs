@@ -278,6 +278,28 @@ impl SqliteStore {
             .await
     }
 
+    /// Runs a primary-key lookup `f` on the read connection: right here when
+    /// the connection is free (a lookup of a few microseconds costs less
+    /// than handing it to another thread and back, which enrollment pays on
+    /// every request), else on the blocking pool like [`Self::read`].
+    async fn read_point<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        {
+            let free = match self.reader.try_lock() {
+                Ok(conn) => Some(conn),
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            };
+            if let Some(conn) = free {
+                return f(&conn);
+            }
+        }
+        self.read(f).await
+    }
+
     /// Runs `f` on the read connection on the blocking pool.
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
@@ -337,7 +359,7 @@ impl Store for SqliteStore {
 
     async fn fetch_token(&self, token_id: &str) -> Result<Option<TokenRecord>, StoreError> {
         let token_id = token_id.to_owned();
-        self.read(move |c| {
+        self.read_point(move |c| {
             let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_id = ?1");
             let mut stmt = c.prepare_cached(&sql)?;
             Ok(stmt.query_row([&token_id], token_from_row).optional()?)
