@@ -6,10 +6,11 @@
 //! own data dir (keys `0600`) and loads them from there, so the rest of the
 //! broker is unchanged.
 //!
-//! Agreement: every file is published with insert-if-absent (replicas
-//! booting together on an empty database all adopt the first one's), and the
-//! ring manifest is advanced with compare-and-swap, so exactly one replica's
-//! rotation wins; the others pull the winner's keys and reload.
+//! Agreement: every value is published with insert-if-absent (replicas
+//! booting together on an empty database all adopt the first one's); a key
+//! generation's three files are one value, so they are adopted together; and
+//! the ring manifest is advanced with compare-and-swap, so exactly one
+//! replica's rotation wins; the others pull the winner's keys and reload.
 
 use std::{
     fs,
@@ -136,25 +137,77 @@ fn write_local(dir: &Path, rel: &str, bytes: &[u8]) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// The files a replica shares: the secrets, the manifest and each live generation.
-fn shared_files(dir: &Path) -> Vec<String> {
-    let mut v = vec!["token_key".to_owned(), "bootstrap_secret".to_owned()];
-    if let Ok(text) = fs::read(dir.join(RING)) {
-        if let Ok(m) = serde_json::from_slice::<serde_json::Value>(&text) {
-            for g in m["generations"].as_array().into_iter().flatten() {
-                if g["state"] == "dropped" {
-                    continue;
-                }
-                if let Some(id) = g["id"].as_u64() {
-                    for f in ["ca.key", "ca.crt", "jwt.key"] {
-                        v.push(format!("ca/g{id}/{f}"));
-                    }
-                }
-            }
-        }
+/// The single files a replica shares (each its own metadata value).
+const SECRET_FILES: [&str; 2] = ["token_key", "bootstrap_secret"];
+
+/// The files of one CA/JWT key generation. They are published together as
+/// ONE metadata value, so replicas racing to publish generation `id` can
+/// never end up with one replica's CA key beside another's certificate.
+const GEN_FILES: [&str; 3] = ["ca.key", "ca.crt", "jwt.key"];
+
+fn gen_rel(id: u64, file: &str) -> String {
+    format!("ca/g{id}/{file}")
+}
+
+/// Metadata name (and sealing label) of generation `id`'s files.
+fn gen_name(id: u64) -> String {
+    format!("ca/g{id}")
+}
+
+/// Ids of the generations a manifest (JSON text) lists as not dropped.
+fn live_generations(manifest: &[u8]) -> Vec<u64> {
+    serde_json::from_slice::<serde_json::Value>(manifest)
+        .ok()
+        .and_then(|m| {
+            m["generations"].as_array().map(|gens| {
+                gens.iter()
+                    .filter(|g| g["state"] != "dropped")
+                    .filter_map(|g| g["id"].as_u64())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Generation `id`'s local files as one value (JSON of base64), or `None`
+/// when one of them is missing.
+fn read_generation(dir: &Path, id: u64) -> Option<Secret> {
+    let mut m = serde_json::Map::new();
+    for f in GEN_FILES {
+        let bytes = Secret::new(fs::read(dir.join(gen_rel(id, f))).ok()?);
+        m.insert(
+            f.to_owned(),
+            base64::engine::general_purpose::STANDARD
+                .encode(bytes.expose())
+                .into(),
+        );
     }
-    v.push(RING.to_owned());
-    v
+    let json = serde_json::to_vec(&serde_json::Value::Object(m)).ok()?;
+    Some(Secret::new(json))
+}
+
+/// Writes generation `id`'s files from a value made by [`read_generation`];
+/// returns whether a local file changed.
+fn write_generation(dir: &Path, id: u64, value: &Secret) -> anyhow::Result<bool> {
+    let m: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(value.expose())
+        .with_context(|| format!("{}: malformed generation value", gen_name(id)))?;
+    let mut files = Vec::with_capacity(GEN_FILES.len());
+    for f in GEN_FILES {
+        let text = m
+            .get(f)
+            .and_then(|v| v.as_str())
+            .with_context(|| format!("{}: {f} missing", gen_name(id)))?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map(Secret::new)
+            .map_err(|_| anyhow!("{}: {f} is not base64", gen_name(id)))?;
+        files.push((f, bytes));
+    }
+    let mut changed = false;
+    for (f, bytes) in files {
+        changed |= write_local(dir, &gen_rel(id, f), bytes.expose())?;
+    }
+    Ok(changed)
 }
 
 /// Pulls every shared file from the store into `dir`. Returns whether a local file changed.
@@ -166,22 +219,15 @@ pub async fn pull(store: &dyn Store, kek: &Kek, dir: &Path) -> anyhow::Result<bo
     // The manifest first: it names the generations to fetch.
     if let Some(sealed) = store.fetch_meta(&meta_key(RING)).await? {
         let plain = kek.open(RING, &sealed)?;
-        let m: serde_json::Value = serde_json::from_slice(plain.expose())?;
-        for g in m["generations"].as_array().into_iter().flatten() {
-            let Some(id) = g["id"].as_u64() else { continue };
-            if g["state"] == "dropped" {
-                continue;
-            }
-            for f in ["ca.key", "ca.crt", "jwt.key"] {
-                let rel = format!("ca/g{id}/{f}");
-                if let Some(s) = store.fetch_meta(&meta_key(&rel)).await? {
-                    changed |= write_local(dir, &rel, kek.open(&rel, &s)?.expose())?;
-                }
+        for id in live_generations(plain.expose()) {
+            let name = gen_name(id);
+            if let Some(s) = store.fetch_meta(&meta_key(&name)).await? {
+                changed |= write_generation(dir, id, &kek.open(&name, &s)?)?;
             }
         }
         changed |= write_local(dir, RING, plain.expose())?;
     }
-    for rel in ["token_key", "bootstrap_secret"] {
+    for rel in SECRET_FILES {
         if let Some(s) = store.fetch_meta(&meta_key(rel)).await? {
             changed |= write_local(dir, rel, kek.open(rel, &s)?.expose())?;
         }
@@ -191,52 +237,60 @@ pub async fn pull(store: &dyn Store, kek: &Kek, dir: &Path) -> anyhow::Result<bo
 
 /// Publishes local files the store does not have yet (insert-if-absent),
 /// then writes back whatever the store holds (the first publisher wins).
-/// The manifest is advanced with compare-and-swap from `previous_ring` (the
-/// plaintext this replica last pulled), so concurrent rotations have one
-/// winner. Returns whether local files were replaced by other replicas' versions.
+/// A key generation's files go as one value (all or nothing). The manifest
+/// goes last and is advanced with compare-and-swap from what the store
+/// holds, so concurrent rotations have one winner. Returns whether local
+/// files were replaced by other replicas' versions.
 ///
 /// # Errors
 /// Store, file or sealing failure.
 pub async fn push(store: &dyn Store, kek: &Kek, dir: &Path) -> anyhow::Result<bool> {
     let mut replaced = false;
-    for rel in shared_files(dir) {
-        let Ok(local) = fs::read(dir.join(&rel)).map(Secret::new) else {
+    for rel in SECRET_FILES {
+        let Ok(local) = fs::read(dir.join(rel)).map(Secret::new) else {
             continue;
         };
-        let key = meta_key(&rel);
-        if rel == RING {
-            match store.fetch_meta(&key).await? {
-                None => {
-                    let stored = store
-                        .insert_meta_if_absent(&key, kek.seal(&rel, local.expose())?)
-                        .await?;
-                    let winner = kek.open(&rel, &stored)?;
-                    replaced |= write_local(dir, &rel, winner.expose())?;
-                }
-                Some(current) => {
-                    let cur_plain = kek.open(&rel, &current)?;
-                    if cur_plain.expose() == local.expose() {
-                        continue;
-                    }
-                    let newer = ring_sequence(local.expose()) > ring_sequence(cur_plain.expose());
-                    if newer
-                        && store
-                            .cas_meta(&key, &current, kek.seal(&rel, local.expose())?)
-                            .await?
-                    {
-                        continue;
-                    }
-                    // Someone else's manifest is current: adopt it.
-                    replaced = true;
-                }
-            }
-            continue;
-        }
         let stored = store
-            .insert_meta_if_absent(&key, kek.seal(&rel, local.expose())?)
+            .insert_meta_if_absent(&meta_key(rel), kek.seal(rel, local.expose())?)
             .await?;
-        let winner = kek.open(&rel, &stored)?;
-        replaced |= write_local(dir, &rel, winner.expose())?;
+        replaced |= write_local(dir, rel, kek.open(rel, &stored)?.expose())?;
+    }
+    let Ok(local_ring) = fs::read(dir.join(RING)).map(Secret::new) else {
+        if replaced {
+            pull(store, kek, dir).await?;
+        }
+        return Ok(replaced);
+    };
+    for id in live_generations(local_ring.expose()) {
+        let Some(local) = read_generation(dir, id) else {
+            continue;
+        };
+        let name = gen_name(id);
+        let stored = store
+            .insert_meta_if_absent(&meta_key(&name), kek.seal(&name, local.expose())?)
+            .await?;
+        replaced |= write_generation(dir, id, &kek.open(&name, &stored)?)?;
+    }
+    let key = meta_key(RING);
+    match store.fetch_meta(&key).await? {
+        None => {
+            let stored = store
+                .insert_meta_if_absent(&key, kek.seal(RING, local_ring.expose())?)
+                .await?;
+            replaced |= write_local(dir, RING, kek.open(RING, &stored)?.expose())?;
+        }
+        Some(current) => {
+            let cur_plain = kek.open(RING, &current)?;
+            if cur_plain.expose() != local_ring.expose() {
+                let newer = ring_sequence(local_ring.expose()) > ring_sequence(cur_plain.expose());
+                let won = newer
+                    && store
+                        .cas_meta(&key, &current, kek.seal(RING, local_ring.expose())?)
+                        .await?;
+                // Otherwise someone else's manifest is current: adopt it.
+                replaced |= !won;
+            }
+        }
     }
     if replaced {
         pull(store, kek, dir).await?;
@@ -270,6 +324,61 @@ pub fn load_kek(file: Option<&PathBuf>, env: Option<&str>) -> anyhow::Result<Opt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two replicas that generated different keys at the same instant (so
+    /// with identical manifests) end up with the first publisher's
+    /// generation, all three files of it, and the same secrets.
+    #[tokio::test]
+    async fn racing_first_boots_adopt_one_whole_generation() {
+        use crate::{
+            ca::ring::{Authority, RingOptions},
+            store::sqlite::{SqliteOptions, SqliteStore},
+        };
+        let db = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&db.path().join("s.db"), SqliteOptions::default()).unwrap();
+        let kek = Kek::new(&Secret::new(vec![7; 32])).unwrap();
+        let td = crate::identity::TrustDomain::parse("example.org").unwrap();
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        for d in [&a, &b] {
+            Authority::load_or_create(d.path(), &td, 1_767_225_600_000, RingOptions::default())
+                .unwrap();
+            fs::write(d.path().join("token_key"), rand::random::<[u8; 32]>()).unwrap();
+        }
+        let read = |d: &Path, rel: &str| fs::read(d.join(rel)).unwrap();
+        assert_eq!(read(a.path(), RING), read(b.path(), RING));
+        assert_ne!(
+            read(a.path(), "ca/g1/ca.key"),
+            read(b.path(), "ca/g1/ca.key")
+        );
+        let a_files: Vec<_> = GEN_FILES
+            .iter()
+            .map(|f| read(a.path(), &gen_rel(1, f)))
+            .collect();
+
+        assert!(
+            !push(&store, &kek, a.path()).await.unwrap(),
+            "first publisher keeps its own"
+        );
+        assert!(push(&store, &kek, b.path()).await.unwrap(), "second adopts");
+        for (f, want) in GEN_FILES.iter().zip(&a_files) {
+            assert_eq!(&read(b.path(), &gen_rel(1, f)), want, "{f}");
+        }
+        assert_eq!(read(b.path(), "token_key"), read(a.path(), "token_key"));
+        let (auth_b, _) =
+            Authority::load_or_create(b.path(), &td, 1_767_225_600_000, RingOptions::default())
+                .unwrap();
+        let (auth_a, _) =
+            Authority::load_or_create(a.path(), &td, 1_767_225_600_000, RingOptions::default())
+                .unwrap();
+        assert_eq!(auth_b.active().ca_pin(), auth_a.active().ca_pin());
+        // A third replica with nothing local pulls the same.
+        let c = tempfile::tempdir().unwrap();
+        assert!(pull(&store, &kek, c.path()).await.unwrap());
+        for (f, want) in GEN_FILES.iter().zip(&a_files) {
+            assert_eq!(&read(c.path(), &gen_rel(1, f)), want, "{f}");
+        }
+        assert!(!pull(&store, &kek, c.path()).await.unwrap(), "nothing new");
+    }
 
     #[test]
     fn seal_binds_name_and_key() {

@@ -755,9 +755,15 @@ fn bind_admin_socket(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent)?;
     }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("bind admin socket {}", path.display()))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    // Bound (and listening, 0600) under a temporary name, then renamed into
+    // place: the socket file appears only once it accepts connections, so
+    // waiting for it is a reliable readiness check for scripts and tests.
+    let tmp = path.with_extension(format!("sock.tmp-{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let listener =
+        UnixListener::bind(&tmp).with_context(|| format!("bind admin socket {}", tmp.display()))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
+    fs::rename(&tmp, path).with_context(|| format!("bind admin socket {}", path.display()))?;
     Ok(listener)
 }
 

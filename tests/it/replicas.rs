@@ -1021,3 +1021,85 @@ async fn postgres_restart_mid_load_fails_cleanly_and_recovers() {
         test_start.elapsed()
     );
 }
+
+/// Real processes started at the same instant on an empty database, several
+/// times: every replica serves the one CA the cluster agreed on (checked
+/// through each replica's admin status and by a TLS handshake pinned to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_processes_started_together_agree_on_one_ca() {
+    let bin = env!("CARGO_BIN_EXE_sigil");
+    for round in 0..5 {
+        let Some(url) = fresh_db().await else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let procs: Vec<_> = (0..3)
+            .map(|i| {
+                let data = dir.path().join(format!("r{i}"));
+                let child = std::process::Command::new(bin)
+                    .args(["serve", "--data-dir", data.to_str().unwrap()])
+                    .args(["--listen", "127.0.0.1:0", "--store", &url])
+                    .env("SIGIL_KEK", KEK)
+                    .env("SIGIL_LOG", "warn")
+                    .stderr(std::fs::File::create(dir.path().join(format!("err{i}"))).unwrap())
+                    .spawn()
+                    .unwrap();
+                (KillOnDrop(child), data)
+            })
+            .collect();
+        let mut pins = Vec::new();
+        for (i, (_, data)) in procs.iter().enumerate() {
+            let t = std::time::Instant::now();
+            while !data.join("admin.sock").exists() {
+                assert!(
+                    t.elapsed().as_secs() < 30,
+                    "round {round}: replica {i} did not start"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            let mut admin = pb::admin_client::AdminClient::new(
+                sigil::cli::connect_admin(data.join("admin.sock"))
+                    .await
+                    .unwrap_or_else(|e| {
+                        let log = std::fs::read_to_string(dir.path().join(format!("err{i}")));
+                        panic!("round {round}: replica {i} admin socket: {e:#}; its log: {log:?}")
+                    }),
+            );
+            let pin = admin
+                .get_status(pb::GetStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .ca_pin;
+            let addr = std::fs::read_to_string(data.join("listen.addr")).unwrap();
+            pins.push((pin, addr.trim().to_owned()));
+        }
+        for (i, (pin, _)) in pins.iter().enumerate() {
+            assert_eq!(
+                pin, &pins[0].0,
+                "round {round}: replica {i} reports another CA"
+            );
+        }
+        let trust = sigil::cli::Trust::from_pin(&pins[0].0).unwrap();
+        for (i, (_, addr)) in pins.iter().enumerate() {
+            let mut c = pb::identity_client::IdentityClient::new(
+                sigil::cli::connect_tls(
+                    &format!("https://{addr}"),
+                    sigil::cli::tls_config(&trust).unwrap(),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: replica {i} serves another CA: {e}")),
+            );
+            c.get_bundle(pb::GetBundleRequest::default()).await.unwrap();
+        }
+        drop(procs);
+    }
+}
+
+/// Kills and reaps the child process when dropped (also when a test panics).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
