@@ -222,6 +222,22 @@ fn fmt_ns(ns: f64) -> String {
     }
 }
 
+/// The cells every load table shares: requests/s, p50–p99.9, errors,
+/// ÷ floor and the CPU split, joined with ` | `.
+fn load_cells(run: &Value) -> String {
+    [
+        f0(num(run, &["rps"])),
+        f2(num(run, &["latency_ms", "p50"])),
+        f2(num(run, &["latency_ms", "p90"])),
+        f2(num(run, &["latency_ms", "p99"])),
+        f2(num(run, &["latency_ms", "p999"])),
+        errors_cell(run),
+        pct(num(run, &["throughput_over_floor"])),
+        cpu_cell(run),
+    ]
+    .join(" | ")
+}
+
 fn scenario_table(s: &mut String, r: &Results, prefix: &str, jwt_note: &str) {
     let _ = writeln!(
         s,
@@ -235,15 +251,8 @@ fn scenario_table(s: &mut String, r: &Results, prefix: &str, jwt_note: &str) {
         };
         let _ = writeln!(
             s,
-            "| {c} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            f0(num(&run, &["rps"])),
-            f2(num(&run, &["latency_ms", "p50"])),
-            f2(num(&run, &["latency_ms", "p90"])),
-            f2(num(&run, &["latency_ms", "p99"])),
-            f2(num(&run, &["latency_ms", "p999"])),
-            errors_cell(&run),
-            pct(num(&run, &["throughput_over_floor"])),
-            cpu_cell(&run),
+            "| {c} | {} | {} | {} |",
+            load_cells(&run),
             f0(num(&run, &["cpu_us_per_request", "broker"])),
             f1(num(&run, &["rss_mib", "broker_peak_vmhwm"])),
         );
@@ -269,15 +278,8 @@ fn attest_table(s: &mut String, r: &Results, prefix: &str, floor_note: &str) {
             .map_or(String::new(), |e| format!(" ({e:.0})"));
         let _ = writeln!(
             s,
-            "| {c} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{evidence} | {} |",
-            f0(num(&run, &["rps"])),
-            f2(num(&run, &["latency_ms", "p50"])),
-            f2(num(&run, &["latency_ms", "p90"])),
-            f2(num(&run, &["latency_ms", "p99"])),
-            f2(num(&run, &["latency_ms", "p999"])),
-            errors_cell(&run),
-            pct(num(&run, &["throughput_over_floor"])),
-            cpu_cell(&run),
+            "| {c} | {} | {} | {}{evidence} | {} |",
+            load_cells(&run),
             f0(num(&run, &["cpu_us_per_request", "broker"])),
             f0(num(&run, &["cpu_us_per_request", "loadgen"])),
             f1(num(&run, &["rss_mib", "broker_peak_vmhwm"])),
