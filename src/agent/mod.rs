@@ -226,10 +226,7 @@ pub async fn start(cfg: AgentConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Ru
     };
     let files = match &cfg.write_dir {
         Some(dir) => {
-            let f = files::FileOutputs {
-                dir: dir.clone(),
-                on_update: cfg.on_update.clone(),
-            };
+            let f = files::FileOutputs::new(dir.clone(), cfg.on_update.clone());
             f.prepare()?;
             Some(f)
         }
