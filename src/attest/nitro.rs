@@ -901,7 +901,17 @@ mod tests {
         csr: &(Vec<u8>, Vec<u8>),
         now_ms: i64,
     ) -> Result<VerifiedAttestation, AttestError> {
-        attestor(pki).attest(&AttestInput {
+        run_on(&attestor(pki), doc, csr, now_ms)
+    }
+
+    /// [`run`] with a given verifier (to keep its state between documents).
+    fn run_on(
+        a: &NitroAttestor,
+        doc: &[u8],
+        csr: &(Vec<u8>, Vec<u8>),
+        now_ms: i64,
+    ) -> Result<VerifiedAttestation, AttestError> {
+        a.attest(&AttestInput {
             document: doc,
             csr_der: &csr.0,
             csr_spki_der: &csr.1,
@@ -1244,15 +1254,7 @@ mod tests {
         let pki = NitroPki::new();
         let csr = test_csr();
         let a = attestor(&pki);
-        let input = |doc: &[u8]| {
-            a.attest(&AttestInput {
-                document: doc,
-                csr_der: &csr.0,
-                csr_spki_der: &csr.1,
-                now_ms: NOW_MS,
-                window_secs: WINDOW,
-            })
-        };
+        let input = |doc: &[u8]| run_on(&a, doc, &csr, NOW_MS);
         let good = pki.document().public_key(Opt::Bytes(csr.1.clone())).build();
         input(&good).unwrap();
         input(&good).unwrap();
