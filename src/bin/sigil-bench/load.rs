@@ -481,10 +481,11 @@ struct Snapshot {
 }
 
 fn classify_thread(comm: &str) -> &'static str {
-    if comm.starts_with("sigil-broker") {
-        "broker"
-    } else if comm.starts_with("sigil-store") {
+    // `comm` is cut to 15 bytes: `sigil-store-wri(ter)`, `sigil-store-ckp(t)`.
+    if comm.starts_with("sigil-store-w") {
         "store"
+    } else if comm.starts_with("sigil-broker") || comm.starts_with("sigil-store") {
+        "broker"
     } else if comm.starts_with("sigil-loadgen") {
         "loadgen"
     } else {
