@@ -43,6 +43,7 @@ pub async fn run_all(store: &dyn Store) {
     concurrent_redeems_have_one_winner(store).await;
     revoke_outcomes(store).await;
     purge_expired_nonces(store).await;
+    purge_runs_in_chunks_until_done(store).await;
     concurrent_audit_appends_chain(store).await;
     revocation_and_renewal(store).await;
     attestation_guards(store).await;
@@ -773,6 +774,41 @@ pub async fn revoke_outcomes(store: &dyn Store) {
         }
     );
     assert_eq!(all_audit(store).await.len(), rows.len());
+}
+
+/// More expired rows than one purge round takes: the purge repeats until
+/// every one is gone (each challenge can be recorded again) and leaves the
+/// unexpired ones.
+pub async fn purge_runs_in_chunks_until_done(store: &dyn Store) {
+    // Long before every other check's rows expire, so only these count.
+    let base = NOW - 200 * HOUR;
+    let expired = u64::from(super::PURGE_CHUNK) * 2 + 7;
+    let name = |i: u64| hex::encode(Sha256::digest(format!("purge-chunk/{i}")));
+    for i in 0..expired {
+        store
+            .create_challenge(&name(i), base - i64::try_from(i).unwrap())
+            .await
+            .unwrap();
+    }
+    store
+        .create_challenge(&name(expired), base + 1)
+        .await
+        .unwrap();
+    assert_eq!(store.purge_expired(base).await.unwrap(), expired);
+    assert_eq!(store.purge_expired(base).await.unwrap(), 0);
+    for i in 0..expired {
+        store
+            .create_challenge(&name(i), NOW + HOUR)
+            .await
+            .expect("purged challenge is gone");
+    }
+    assert!(
+        matches!(
+            store.create_challenge(&name(expired), NOW + HOUR).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "an unexpired challenge survives the purge"
+    );
 }
 
 /// Purge forgets exactly the nonces with `expires_at_ms <= now`; a purged

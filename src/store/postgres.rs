@@ -961,19 +961,33 @@ impl Store for PostgresStore {
     }
 
     async fn purge_expired(&self, now_ms: i64) -> Result<u64, StoreError> {
-        // One statement: the three deletes commit together.
-        const SQL: &str = "WITH n AS (DELETE FROM nonces WHERE expires_at_ms <= $1 RETURNING 1), \
-             r AS (DELETE FROM revocations WHERE expires_at_ms IS NOT NULL \
-                   AND expires_at_ms <= $1 RETURNING 1), \
-             c AS (DELETE FROM challenges WHERE expires_at_ms <= $1 RETURNING 1) \
+        // One statement per round: its three deletes commit together. A
+        // round is one write of a batch, which holds the cluster-wide audit
+        // lock: rounds of at most PURGE_CHUNK rows per table keep that short.
+        const SQL: &str = "WITH n AS (DELETE FROM nonces WHERE nonce IN \
+                 (SELECT nonce FROM nonces WHERE expires_at_ms <= $1 LIMIT $2) RETURNING 1), \
+             r AS (DELETE FROM revocations WHERE (kind, value) IN \
+                 (SELECT kind, value FROM revocations WHERE expires_at_ms IS NOT NULL \
+                  AND expires_at_ms <= $1 LIMIT $2) RETURNING 1), \
+             c AS (DELETE FROM challenges WHERE nonce IN \
+                 (SELECT nonce FROM challenges WHERE expires_at_ms <= $1 LIMIT $2) RETURNING 1) \
              SELECT (SELECT COUNT(*) FROM n) + (SELECT COUNT(*) FROM r) + (SELECT COUNT(*) FROM c)";
-        self.write(move |c| {
-            Box::pin(async move {
-                let row = c.query_one(SQL, &[&now_ms]).await?;
-                Ok(Finish::Commit(to_u64(col(&row, 0)?)?))
-            })
-        })
-        .await
+        let chunk = i64::from(super::PURGE_CHUNK);
+        let mut total = 0;
+        loop {
+            let n = self
+                .write(move |c| {
+                    Box::pin(async move {
+                        let row = c.query_one(SQL, &[&now_ms, &chunk]).await?;
+                        Ok(Finish::Commit(to_u64(col(&row, 0)?)?))
+                    })
+                })
+                .await?;
+            total += n;
+            if n < u64::from(super::PURGE_CHUNK) {
+                return Ok(total);
+            }
+        }
     }
 
     async fn bootstrap_plan(
@@ -2267,6 +2281,7 @@ mod tests {
             concurrent_redeems_have_one_winner,
             revoke_outcomes,
             purge_expired_nonces,
+            purge_runs_in_chunks_until_done,
             concurrent_audit_appends_chain,
             revocation_and_renewal,
             attestation_guards,

@@ -485,7 +485,16 @@ impl Store for SqliteStore {
     }
 
     async fn purge_expired(&self, now_ms: i64) -> Result<u64, StoreError> {
-        self.write(|reply| Op::PurgeExpired { now_ms, reply }).await
+        let mut total = 0;
+        loop {
+            let n = self
+                .write(|reply| Op::PurgeExpired { now_ms, reply })
+                .await?;
+            total += n;
+            if n < u64::from(super::PURGE_CHUNK) {
+                return Ok(total);
+            }
+        }
     }
 
     async fn bootstrap_plan(
@@ -1529,18 +1538,29 @@ fn append_audit(
     Ok(seq)
 }
 
+/// One round of [`Store::purge_expired`]: at most [`super::PURGE_CHUNK`]
+/// rows of each table, found through the `expires_at_ms` indexes.
 fn purge_expired(conn: &Connection, now_ms: i64) -> Result<u64, StoreError> {
+    let chunk = i64::from(super::PURGE_CHUNK);
     let n = conn
-        .prepare_cached("DELETE FROM nonces WHERE expires_at_ms <= ?1")?
-        .execute([now_ms])?
+        .prepare_cached(
+            "DELETE FROM nonces WHERE nonce IN \
+             (SELECT nonce FROM nonces WHERE expires_at_ms <= ?1 LIMIT ?2)",
+        )?
+        .execute([now_ms, chunk])?
         + conn
             .prepare_cached(
-                "DELETE FROM revocations WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?1",
+                "DELETE FROM revocations WHERE rowid IN \
+                 (SELECT rowid FROM revocations \
+                  WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?1 LIMIT ?2)",
             )?
-            .execute([now_ms])?
+            .execute([now_ms, chunk])?
         + conn
-            .prepare_cached("DELETE FROM challenges WHERE expires_at_ms <= ?1")?
-            .execute([now_ms])?;
+            .prepare_cached(
+                "DELETE FROM challenges WHERE nonce IN \
+                 (SELECT nonce FROM challenges WHERE expires_at_ms <= ?1 LIMIT ?2)",
+            )?
+            .execute([now_ms, chunk])?;
     u64::try_from(n).map_err(|_| StoreError::Corrupt("row count out of range".into()))
 }
 
@@ -1927,6 +1947,7 @@ mod tests {
             concurrent_redeems_have_one_winner,
             revoke_outcomes,
             purge_expired_nonces,
+            purge_runs_in_chunks_until_done,
             concurrent_audit_appends_chain,
             revocation_and_renewal,
             attestation_guards,
@@ -2299,6 +2320,27 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM audit", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 1);
+    }
+
+    /// One purge round deletes at most `PURGE_CHUNK` rows of a table, so a
+    /// maintenance tick's purge cannot hold the writer for long.
+    #[test]
+    fn one_purge_round_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = writer_in(&dir);
+        for i in 0..600 {
+            w.conn
+                .execute(
+                    "INSERT INTO challenges (nonce, expires_at_ms) VALUES (?1, ?2)",
+                    params![format!("c{i}"), NOW - 1],
+                )
+                .unwrap();
+        }
+        let chunk = u64::from(crate::store::PURGE_CHUNK);
+        assert_eq!(purge_expired(&w.conn, NOW).unwrap(), chunk);
+        assert_eq!(purge_expired(&w.conn, NOW).unwrap(), chunk);
+        assert_eq!(purge_expired(&w.conn, NOW).unwrap(), 600 - 2 * chunk);
+        assert_eq!(purge_expired(&w.conn, NOW).unwrap(), 0);
     }
 
     /// Commits `n` audit rows one at a time with checkpoints every `pages`
