@@ -30,9 +30,10 @@
 //! WAL frames are copied back into the database file by a second thread with
 //! its own connection (`sigil-store-ckpt`), started by the writer whenever a
 //! commit leaves [`SqliteOptions::checkpoint_pages`] frames or more in the
-//! WAL. A checkpoint writes and fsyncs the database file; done inside a
-//! commit, as SQLite's auto-checkpoint does, it stalls every write queued
-//! behind it for milliseconds. SQLite can only rewind the WAL to its start
+//! WAL (after letting commits gather for a few ms, so that a page several
+//! commits rewrote is copied once). A checkpoint writes and fsyncs the
+//! database file; done inside a commit, as SQLite's auto-checkpoint does, it
+//! stalls every write queued behind it for milliseconds. SQLite can only rewind the WAL to its start
 //! when a checkpoint has copied *every* frame before the writer's next
 //! transaction, which a background pass racing a busy writer rarely
 //! achieves; so once the WAL reaches 4 × `checkpoint_pages` the writer
@@ -939,10 +940,20 @@ fn checkpoint(result: rusqlite::Result<(i32, i32)>, by: &str, count: &AtomicU64)
     }
 }
 
+/// How long the checkpoint thread lets commits gather after a wake-up
+/// before its pass: a page that several commits rewrote meanwhile is copied
+/// once. Without it a pass ran for nearly every commit, and at 2,500
+/// enrollments/s the thread used 0.17 cores instead of 0.065 (tail latency
+/// unchanged at 5 ms; at 10 ms it grew).
+const CHECKPOINT_SETTLE: Duration = Duration::from_millis(5);
+
 /// The background checkpoint thread: one PASSIVE checkpoint per wake-up
 /// (wake-ups coalesce), until the writer drops its end.
 fn run_checkpointer(conn: &Connection, wake: &mpsc::Receiver<()>, stats: &CheckpointStats) {
     while wake.recv().is_ok() {
+        std::thread::sleep(CHECKPOINT_SETTLE);
+        // The pass below covers any commit that woke us meanwhile.
+        let _ = wake.try_recv();
         checkpoint(
             conn.wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::PASSIVE),
             "background",
