@@ -942,9 +942,9 @@ fn checkpoint(result: rusqlite::Result<(i32, i32)>, by: &str, count: &AtomicU64)
 
 /// How long the checkpoint thread lets commits gather after a wake-up
 /// before its pass: a page that several commits rewrote meanwhile is copied
-/// once. Without it a pass ran for nearly every commit, and at 2,500
-/// enrollments/s the thread used 0.17 cores instead of 0.065 (tail latency
-/// unchanged at 5 ms; at 10 ms it grew).
+/// once. Without it a pass ran for nearly every commit: at 2,500
+/// enrollments/s the thread used 0.16–0.18 cores, with it 0.088 (p99 within
+/// the run-to-run noise; a 10 ms pause made the tail worse).
 const CHECKPOINT_SETTLE: Duration = Duration::from_millis(5);
 
 /// The background checkpoint thread: one PASSIVE checkpoint per wake-up
