@@ -289,12 +289,7 @@ async fn killed_replica_and_lost_database_connections_never_double_issue() {
     let socket = procs[0].1.join("admin.sock");
     let mut admin =
         pb::admin_client::AdminClient::new(sigil::cli::connect_admin(socket).await.unwrap());
-    let pin = admin
-        .get_status(pb::GetStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .ca_pin;
+    let pin = ca_pin(&mut admin).await;
     let mut tokens = Vec::new();
     for _ in 0..30 {
         let t = admin
@@ -1063,12 +1058,7 @@ async fn replica_processes_started_together_agree_on_one_ca() {
                         panic!("round {round}: replica {i} admin socket: {e:#}; its log: {log:?}")
                     }),
             );
-            let pin = admin
-                .get_status(pb::GetStatusRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .ca_pin;
+            let pin = ca_pin(&mut admin).await;
             let addr = std::fs::read_to_string(data.join("listen.addr")).unwrap();
             pins.push((pin, addr.trim().to_owned()));
         }
@@ -1102,4 +1092,14 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The CA pin a replica reports on its admin socket.
+async fn ca_pin(admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>) -> String {
+    admin
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .ca_pin
 }
