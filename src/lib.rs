@@ -19,6 +19,7 @@
 //! | [`attest`] | attestation verifiers (Nitro, OIDC) behind one trait |
 //! | [`policy`] | plans: parse, validate, canonicalise, hash |
 //! | [`tls`] | the public port's dynamic TLS (rotation-aware) |
+//! | [`netio`] | write coalescing for the public port's connections |
 //! | [`ratelimit`], [`metrics`] | leaves: token buckets, Prometheus text |
 //! | [`identity`], [`secret`], [`clock`] | leaves: SPIFFE names, secret bytes, time |
 
@@ -39,6 +40,7 @@ pub mod identity;
 pub mod jwks;
 pub mod keysync;
 pub mod metrics;
+pub mod netio;
 pub mod policy;
 pub mod ratelimit;
 pub mod secret;

@@ -32,7 +32,7 @@ use tokio::{net::TcpListener, sync::mpsc};
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::ca::ring::Authority;
+use crate::{ca::ring::Authority, netio::Coalesced};
 
 /// The serving certificate a TLS configuration is built from.
 pub struct TlsMaterial {
@@ -241,7 +241,7 @@ pub fn incoming(
     listener: TcpListener,
     tls: Arc<DynamicTls>,
     handshake_timeout: Duration,
-) -> ReceiverStream<Result<TlsStream<tokio::net::TcpStream>, std::io::Error>> {
+) -> ReceiverStream<Result<Coalesced<TlsStream<tokio::net::TcpStream>>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
     tokio::spawn(async move {
         loop {
@@ -262,7 +262,7 @@ pub fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
+                        let _ = tx.send(Ok(Coalesced::new(stream))).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
