@@ -8,7 +8,8 @@
 //! enrollment response at 64 clients, and on loopback the sender's kernel
 //! also pays the receiver's TCP processing for each one.
 //!
-//! [`Coalesced`] sits between h2 and the TLS stream. Writes are buffered
+//! [`Coalesced`] sits between h2 and the TLS stream (the public port, and
+//! the CLI's, agent's and load generator's connections to it). Writes are buffered
 //! (plaintext, bounded); a flush with buffered bytes is deferred once —
 //! the connection task re-queues itself behind the tasks already runnable,
 //! so frames those tasks are about to queue join the same write — and the

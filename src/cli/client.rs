@@ -17,6 +17,8 @@ use tokio::net::{TcpStream, UnixStream};
 use tonic::transport::{Channel, Endpoint, Uri};
 use tower::service_fn;
 
+use crate::netio::Coalesced;
+
 /// How the CLI trusts the broker's TLS certificate.
 #[derive(Debug, Clone)]
 pub enum Trust {
@@ -289,7 +291,8 @@ pub async fn connect_tls(url: &str, config: ClientConfig) -> anyhow::Result<Chan
                 let tcp = TcpStream::connect((host.as_str(), port)).await?;
                 tcp.set_nodelay(true)?;
                 let tls = connector.connect(server_name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(tls))
+                // One TLS record and one syscall per request, as on the server.
+                Ok::<_, std::io::Error>(TokioIo::new(Coalesced::new(tls)))
             }
         }))
         .await?;
