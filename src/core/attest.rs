@@ -173,6 +173,12 @@ impl Broker {
             .field("not_after_ms", cert.not_after_ms)
             .field("caller", caller.describe());
         let audit = with_plan(audit, Some(&plan));
+        // Signed before the commit, sent only if it wins (as for tokens).
+        let jwt = if audiences.is_empty() {
+            None
+        } else {
+            Some(self.mint_jwt(&id, audiences, now, entry.jwt_ttl)?)
+        };
         match self
             .store
             .redeem_attestation(AttestRedemption {
@@ -195,11 +201,6 @@ impl Broker {
             AttestOutcome::Replayed => return Err(Error::NonceReplayed),
         }
         tracing::info!(format = verified.format(), spiffe_id = %id, serial = %cert.serial, "issued from attestation");
-        let jwt = if audiences.is_empty() {
-            None
-        } else {
-            Some(self.mint_jwt(&id, audiences, now, entry.jwt_ttl)?)
-        };
         Ok(self.enrolled(cert, jwt, false))
     }
 }

@@ -698,6 +698,14 @@ impl Broker {
             .field("jwt", !audiences.is_empty())
             .field("caller", caller.describe());
         let audit = with_plan(audit, plan.as_deref());
+        // The JWT too is signed before the commit (it leaves only if the
+        // transaction wins), so its CPU overlaps other requests' commit
+        // waits and a signing failure consumes nothing.
+        let jwt_svid = if audiences.is_empty() {
+            None
+        } else {
+            Some(self.mint_jwt(&spiffe_id, audiences, now, ttls.jwt)?)
+        };
 
         // 7. One durable transaction decides.
         let outcome = self
@@ -713,11 +721,6 @@ impl Broker {
             .await?;
         match outcome {
             RedeemOutcome::Issued => {
-                let jwt_svid = if audiences.is_empty() {
-                    None
-                } else {
-                    Some(self.mint_jwt(&spiffe_id, audiences, now, ttls.jwt)?)
-                };
                 tracing::info!(token_id, spiffe_id = %spiffe_id, serial = %cert.serial, "issued");
                 Ok(self.enrolled(cert, jwt_svid, false))
             }
