@@ -221,9 +221,11 @@ mod tests {
     async fn frames_written_before_a_flush_leave_as_one_write() {
         let (mut c, mut peer) = pair(1 << 20);
         c.write_all(b"HEADERS|").await.unwrap();
-        c.write_vectored(&[io::IoSlice::new(b"DATA"), io::IoSlice::new(b"|")])
+        let n = c
+            .write_vectored(&[io::IoSlice::new(b"DATA"), io::IoSlice::new(b"|")])
             .await
             .unwrap();
+        assert_eq!(n, 5, "a vectored write is taken whole");
         c.write_all(b"TRAILERS").await.unwrap();
         assert_eq!(c.get_ref().writes, 0, "nothing leaves before the flush");
         c.flush().await.unwrap();
