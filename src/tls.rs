@@ -237,6 +237,7 @@ fn build(
 /// A stream of established TLS connections for tonic's
 /// `serve_with_incoming_shutdown`. Each handshake runs in its own task with
 /// `handshake_timeout`; failures are logged at debug level and dropped.
+/// Established connections coalesce their writes ([`Coalesced`]).
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<DynamicTls>,
