@@ -63,8 +63,10 @@ impl Ca {
     /// exactly one URI SAN (the ID) plus `p.dns_names` as DNS SANs; subject
     /// `O=Sigil` (non-empty, so the SAN extension is non-critical);
     /// BasicConstraints `cA=false`; critical KU digitalSignature only; EKU
-    /// serverAuth+clientAuth; AKI and SKI; a random positive 16-byte serial;
-    /// NotBefore `now - 30 s`; NotAfter `min(now + ttl, CA NotAfter)`.
+    /// serverAuth+clientAuth; AKI and SKI; a positive 16-byte serial that
+    /// starts with the issuance time and ends with 80 random bits
+    /// ([`svid_serial`]); NotBefore `now - 30 s`; NotAfter
+    /// `min(now + ttl, CA NotAfter)`.
     ///
     /// # Errors
     /// [`CaError::InvalidRequest`] for an ID outside our trust domain, a
@@ -83,7 +85,7 @@ impl Ca {
             sans.push(SanType::DnsName(dns_name(name)?));
         }
 
-        let serial = random_serial();
+        let serial = svid_serial(p.now_ms);
         let mut params = leaf_params(sans, &serial, not_before, not_after)?;
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -184,6 +186,24 @@ fn random_serial() -> SerialNumber {
     let mut b = [0u8; 16];
     rand::fill(&mut b[..]);
     b[0] = (b[0] & 0x7f) | 0x40;
+    SerialNumber::from_slice(&b)
+}
+
+/// An X509-SVID serial: 16 DER content bytes, positive and never shortened
+/// (top bits `01`, as in [`random_serial`]), then the issuance time in
+/// milliseconds since 1970 (46 bits, big-endian, enough until the year
+/// 4200), then 80 bits from the CSPRNG — above CA/B Forum's 64. Serials
+/// therefore sort by issuance time, so the store's serial index grows at
+/// its tail instead of on a random leaf per certificate (BENCHMARKS.md
+/// §1); the time they reveal is the certificate's NotBefore + 30 s.
+fn svid_serial(now_ms: i64) -> SerialNumber {
+    const TIME_BITS: u32 = 46;
+    let ms = u64::try_from(now_ms).unwrap_or(0) & ((1 << TIME_BITS) - 1);
+    // The first 48 bits: 0, 1, then the time.
+    let head = (1u64 << TIME_BITS) | ms;
+    let mut b = [0u8; 16];
+    b[..6].copy_from_slice(&head.to_be_bytes()[2..]);
+    rand::fill(&mut b[6..]);
     SerialNumber::from_slice(&b)
 }
 
@@ -485,6 +505,30 @@ mod tests {
             assert_svid(&ca, &issued, &csr, &[]);
             assert_eq!(issued.not_after_ms, (NOW_MS / 1000 + 3600) * 1000);
         }
+    }
+
+    #[test]
+    fn svid_serials_sort_by_time_and_keep_80_random_bits() {
+        let t = 1_764_000_000_123_i64; // 2025-11-24, in ms
+        let a = svid_serial(t);
+        let b = svid_serial(t);
+        let later = svid_serial(t + 1);
+        let (a, b, later) = (a.as_ref(), b.as_ref(), later.as_ref());
+        for s in [a, b, later] {
+            assert_eq!(s.len(), 16);
+            assert_eq!(s[0] >> 6, 0b01, "positive, never shortened");
+        }
+        // The first 48 bits are 0b01 then the time, big-endian.
+        let mut head = [0u8; 8];
+        head[2..].copy_from_slice(&a[..6]);
+        assert_eq!(u64::from_be_bytes(head), (1 << 46) | t as u64);
+        assert_eq!(a[..6], b[..6], "same millisecond, same time part");
+        assert_ne!(a[6..], b[6..], "the random part differs");
+        // Hex of equal-length big-endian bytes sorts like the numbers.
+        assert!(hex::encode(later) > hex::encode(a) && hex::encode(later) > hex::encode(b));
+        assert!(svid_serial(t + 3_600_000).as_ref() > later);
+        // A clock before 1970 does not panic or go negative.
+        assert_eq!(svid_serial(-5).as_ref()[..6], [0x40, 0, 0, 0, 0, 0]);
     }
 
     #[test]
