@@ -19,7 +19,7 @@
 //! | [`attest`] | attestation verifiers (Nitro, OIDC) behind one trait |
 //! | [`policy`] | plans: parse, validate, canonicalise, hash |
 //! | [`tls`] | the public port's dynamic TLS (rotation-aware) |
-//! | [`netio`] | write coalescing for the public port's connections |
+//! | [`netio`] | write coalescing for connections on and to the public port |
 //! | [`ratelimit`], [`metrics`] | leaves: token buckets, Prometheus text |
 //! | [`identity`], [`secret`], [`clock`] | leaves: SPIFFE names, secret bytes, time |
 

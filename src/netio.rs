@@ -1,4 +1,4 @@
-//! Write coalescing for the public port's connections.
+//! Write coalescing for connections on and to the public port.
 //!
 //! HTTP/2 (h2, under hyper and tonic) writes a unary gRPC response as three
 //! frames — HEADERS, DATA, trailers — and flushes whenever its connection
@@ -9,8 +9,8 @@
 //! also pays the receiver's TCP processing for each one.
 //!
 //! [`Coalesced`] sits between h2 and the TLS stream (the public port, and
-//! the CLI's, agent's and load generator's connections to it). Writes are buffered
-//! (plaintext, bounded); a flush with buffered bytes is deferred once —
+//! the CLI's, agent's and load generator's connections to it). Writes are
+//! buffered (plaintext, bounded); a flush with buffered bytes is deferred once —
 //! the connection task re-queues itself behind the tasks already runnable,
 //! so frames those tasks are about to queue join the same write — and the
 //! next flush encrypts the buffer as one TLS record and sends it with one
@@ -30,7 +30,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const MAX_BUFFERED: usize = 64 * 1024;
 
 /// An I/O stream whose writes are gathered until flushed (module docs).
-#[derive(Debug)]
+/// Its `Debug` shows how many bytes are buffered, never the bytes: they are
+/// the connection's plaintext (JWT-SVIDs, signed payloads).
 pub struct Coalesced<T> {
     inner: T,
     buf: Vec<u8>,
@@ -54,6 +55,16 @@ impl<T> Coalesced<T> {
     /// The wrapped stream.
     pub fn get_ref(&self) -> &T {
         &self.inner
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Coalesced<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coalesced")
+            .field("inner", &self.inner)
+            .field("buffered", &(self.buf.len() - self.sent))
+            .field("deferred", &self.deferred)
+            .finish()
     }
 }
 
@@ -275,6 +286,25 @@ mod tests {
         c.shutdown().await.unwrap();
         assert_eq!(reader.await.unwrap(), want);
         assert!(c.buf.is_empty() && c.buf.capacity() <= MAX_BUFFERED);
+    }
+
+    #[tokio::test]
+    async fn debug_shows_the_count_not_the_buffered_plaintext() {
+        let (c, _peer) = duplex(64);
+        let mut c = Coalesced::new(c);
+        c.write_all(b"jwt_svid=eyJhbGciOiJFUzI1NiJ9.SECRET")
+            .await
+            .unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("SECRET") && !shown.contains("eyJ"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("101, 121, 74"),
+            "no byte list either: {shown}"
+        );
+        assert!(shown.contains("buffered: 36"), "{shown}");
     }
 
     #[tokio::test]
