@@ -32,11 +32,11 @@
 //! commit leaves [`SqliteOptions::checkpoint_pages`] frames or more in the
 //! WAL (after letting commits gather for a few ms, so that a page several
 //! commits rewrote is copied once). A checkpoint writes and fsyncs the
-//! database file; done inside a commit, as SQLite's auto-checkpoint does, it
-//! stalls every write queued behind it for milliseconds. SQLite can only rewind the WAL to its start
-//! when a checkpoint has copied *every* frame before the writer's next
-//! transaction, which a background pass racing a busy writer rarely
-//! achieves; so once the WAL reaches 4 × `checkpoint_pages` the writer
+//! database file; done inside a commit, as SQLite's auto-checkpoint does,
+//! it stalls every write queued behind it for milliseconds. SQLite can only
+//! rewind the WAL to its start when a checkpoint has copied *every* frame
+//! before the writer's next transaction, which a background pass racing a
+//! busy writer rarely achieves; so once the WAL reaches 4 × `checkpoint_pages` the writer
 //! stops waking the background thread and finishes the checkpoint itself
 //! after its next commit. By then only the frames of the last few batches
 //! are left to copy: the WAL stays bounded and the writer's share is small.
