@@ -23,6 +23,8 @@ mod floor;
 mod ha;
 #[path = "sigil-bench/load.rs"]
 mod load;
+#[path = "sigil-bench/pace.rs"]
+mod pace;
 #[path = "sigil-bench/prefill.rs"]
 mod prefill;
 #[path = "sigil-bench/procstat.rs"]

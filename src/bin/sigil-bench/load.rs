@@ -47,6 +47,7 @@ use tonic::transport::Channel;
 use crate::{
     attest::{self, Format, Prepared, Source},
     floor::{self, Floor},
+    pace::{Pacer, Schedule},
     prefill, procstat,
     stats::{self, round3, thousands, Rec, Summary},
     svg, LoadArgs, TempDir,
@@ -678,25 +679,28 @@ async fn client(
     channel: Option<Channel>,
     t0: Instant,
     deadline: Option<Instant>,
-    rate: Option<f64>,
+    pacer: Option<Arc<Pacer>>,
 ) -> ClientOut {
     let mut out = ClientOut::default();
     let mut reused = channel.map(IdentityClient::new);
     let mode = ctx.mode;
     loop {
+        if let Some(p) = &pacer {
+            p.ready().await;
+        }
         let i = phase.next.fetch_add(1, Relaxed);
         if i >= phase.pool.len() {
             phase.exhausted.store(true, Relaxed);
             break;
         }
-        let start = match rate {
-            Some(r) => {
-                let at = t0 + Duration::from_secs_f64(i as f64 / r);
-                if deadline.is_some_and(|d| at >= d) {
+        let start = match &pacer {
+            // Slot `i` is released at its instant or later: latency counts
+            // from the instant.
+            Some(p) => {
+                if !p.schedule.has(i) {
                     break;
                 }
-                tokio::time::sleep_until(at.into()).await;
-                at
+                p.schedule.at(i)
             }
             None => {
                 let now = Instant::now();
@@ -872,6 +876,20 @@ async fn run_phase(
         progress.map(str::to_owned),
         duration,
     ));
+    let pacer = match rate {
+        Some(rate) => {
+            let schedule = Schedule {
+                t0,
+                rate,
+                slots: phase.pool.len(),
+                deadline,
+            };
+            Some(Arc::new(
+                Pacer::start(schedule, concurrency).context("start the pacer thread")?,
+            ))
+        }
+        None => None,
+    };
     let mut tasks = Vec::with_capacity(concurrency);
     for k in 0..concurrency {
         let ch = channels.get(k).cloned();
@@ -881,7 +899,7 @@ async fn run_phase(
             ch,
             t0,
             deadline,
-            rate,
+            pacer.clone(),
         )));
     }
     let mut recs = Vec::new();
