@@ -1197,6 +1197,12 @@ pub async fn revocation_and_renewal(store: &dyn Store) {
         .await
         .unwrap();
     assert!(store.is_revoked(&child_serial).await.unwrap());
+    let crl = store.revoked_serials(NOW).await.unwrap();
+    assert!(
+        crl.iter()
+            .any(|(s, at, gen)| s == &child_serial && *at == NOW + 3 && *gen == 1),
+        "a revoked generation's certificates are in the CRL: {crl:?}"
+    );
 
     // Listing hides expired entries; purge deletes them; a permanent one stays.
     let listed = store.list_revocations(NOW).await.unwrap();

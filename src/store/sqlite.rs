@@ -81,7 +81,7 @@ const STATEMENT_CACHE: usize = 128;
 /// Schema migrations; `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
 /// Append new entries, never edit old ones.
 const MIGRATIONS: &[&str] = &[
-    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6,
+    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7,
 ];
 
 /// Version 1: tokens, nonces, issued certificates, audit chain.
@@ -188,12 +188,48 @@ const SCHEMA_V6: &str = "
 CREATE INDEX issued_node ON issued (node) WHERE node IS NOT NULL;
 ";
 
+/// Version 7: the CRL query's `ca_generation` branch finds a revoked
+/// generation's live certificates through an index on the very expression
+/// it joins on, instead of walking every live certificate through
+/// `issued_not_after` (which served nothing else). See [`REVOKED_SERIALS`].
+const SCHEMA_V7: &str = "
+DROP INDEX issued_not_after;
+CREATE INDEX issued_gen_not_after ON issued (CAST(ca_gen AS TEXT), not_after_ms);
+";
+
 /// SQL condition: the `issued` row aliased `c` is covered by a revocation.
 const COVERED: &str = "(EXISTS (SELECT 1 FROM revocations r WHERE \
        (r.kind = 'serial' AND r.value = c.serial) \
     OR (r.kind = 'spiffe_id' AND r.value = c.spiffe_id AND r.revoked_at_ms >= c.issued_at_ms) \
     OR (r.kind = 'node' AND c.node IS NOT NULL AND r.value = c.node) \
     OR (r.kind = 'ca_generation' AND r.value = CAST(c.ca_gen AS TEXT))))";
+
+/// The CRL query: live certificates covered by a revocation, with the
+/// earliest revocation time. Each branch is driven by the (small)
+/// revocation table (`CROSS JOIN` fixes SQLite's join order) and reaches
+/// the certificates through an index, so the cost does not grow with the
+/// number of live certificates that no revocation covers. Before schema
+/// version 7 no index served the `ca_generation` branch's join term (an
+/// expression), and the planner walked every live certificate instead:
+/// 0.65 s at 1.4 M certificates, on every maintenance tick, holding the
+/// read connection that enrollment needs.
+const REVOKED_SERIALS: &str = "SELECT serial, MIN(at), ca_gen FROM ( \
+       SELECT c.serial, r.revoked_at_ms AS at, c.ca_gen FROM revocations r \
+         CROSS JOIN issued c ON c.serial = r.value \
+         WHERE r.kind = 'serial' AND c.not_after_ms > ?1 \
+       UNION ALL \
+       SELECT c.serial, r.revoked_at_ms, c.ca_gen FROM revocations r \
+         CROSS JOIN issued c ON c.spiffe_id = r.value AND c.issued_at_ms <= r.revoked_at_ms \
+         WHERE r.kind = 'spiffe_id' AND c.not_after_ms > ?1 \
+       UNION ALL \
+       SELECT c.serial, r.revoked_at_ms, c.ca_gen FROM revocations r \
+         CROSS JOIN issued c ON c.node = r.value \
+         WHERE r.kind = 'node' AND c.not_after_ms > ?1 \
+       UNION ALL \
+       SELECT c.serial, r.revoked_at_ms, c.ca_gen FROM revocations r \
+         CROSS JOIN issued c ON CAST(c.ca_gen AS TEXT) = r.value \
+         WHERE r.kind = 'ca_generation' AND c.not_after_ms > ?1 \
+     ) AS covered GROUP BY serial, ca_gen ORDER BY serial";
 
 const PLAN_COLUMNS: &str = "version, sha256, canonical_json, state, proposer, created_at_ms, \
                             expires_at_ms, activated_at_ms, required_approvals";
@@ -567,26 +603,7 @@ impl Store for SqliteStore {
 
     async fn revoked_serials(&self, now_ms: i64) -> Result<Vec<(String, i64, u32)>, StoreError> {
         self.read(move |c| {
-            // Driven by the (small) revocation table through indexes, so the
-            // cost does not grow with the number of live certificates.
-            let sql = "SELECT serial, MIN(at), ca_gen FROM ( \
-                   SELECT c.serial, r.revoked_at_ms AS at, c.ca_gen FROM revocations r \
-                     JOIN issued c ON c.serial = r.value \
-                     WHERE r.kind = 'serial' AND c.not_after_ms > ?1 \
-                   UNION ALL \
-                   SELECT c.serial, r.revoked_at_ms, c.ca_gen FROM revocations r \
-                     JOIN issued c ON c.spiffe_id = r.value AND c.issued_at_ms <= r.revoked_at_ms \
-                     WHERE r.kind = 'spiffe_id' AND c.not_after_ms > ?1 \
-                   UNION ALL \
-                   SELECT c.serial, r.revoked_at_ms, c.ca_gen FROM revocations r \
-                     JOIN issued c ON c.node = r.value \
-                     WHERE r.kind = 'node' AND c.not_after_ms > ?1 \
-                   UNION ALL \
-                   SELECT c.serial, r.revoked_at_ms, c.ca_gen FROM revocations r \
-                     JOIN issued c ON CAST(c.ca_gen AS TEXT) = r.value \
-                     WHERE r.kind = 'ca_generation' AND c.not_after_ms > ?1 \
-                 ) AS covered GROUP BY serial, ca_gen ORDER BY serial";
-            Ok(c.prepare_cached(sql)?
+            Ok(c.prepare_cached(REVOKED_SERIALS)?
                 .query_map([now_ms], |r| {
                     Ok((
                         r.get::<_, String>(0)?,
@@ -2352,6 +2369,67 @@ mod tests {
         assert_eq!(purge_expired(&w.conn, NOW).unwrap(), chunk);
         assert_eq!(purge_expired(&w.conn, NOW).unwrap(), 600 - 2 * chunk);
         assert_eq!(purge_expired(&w.conn, NOW).unwrap(), 0);
+    }
+
+    /// The CRL query's work does not grow with the number of live
+    /// certificates when no revocation covers them: with a plain `JOIN`,
+    /// SQLite walked every live certificate for the `ca_generation` branch.
+    /// Counted in virtual-machine steps, not time.
+    #[test]
+    fn crl_query_work_does_not_grow_with_live_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = writer_in(&dir);
+        let steps = |conn: &Connection| {
+            let mut stmt = conn.prepare(REVOKED_SERIALS).unwrap();
+            let n = stmt.query_map([NOW], |_| Ok(())).unwrap().count();
+            (n, stmt.get_status(rusqlite::StatementStatus::VmStep))
+        };
+        let insert = |from: u32, to: u32| {
+            for i in from..to {
+                w.conn
+                    .execute(
+                        "INSERT INTO issued (serial, spiffe_id, spki_sha256, issued_at_ms, \
+                         not_after_ms, der) VALUES (?1, 'spiffe://t/w', 'k', ?2, ?3, x'00')",
+                        params![format!("{i:08x}"), NOW - 10, NOW + 3_600_000],
+                    )
+                    .unwrap();
+            }
+        };
+        // A revocation of each kind that covers none of the certificates.
+        for (kind, value) in [
+            ("serial", "ffffffff"),
+            ("spiffe_id", "spiffe://t/other"),
+            ("node", "other-node"),
+            ("ca_generation", "7"),
+        ] {
+            w.conn
+                .execute(
+                    "INSERT INTO revocations (kind, value, revoked_at_ms, reason) \
+                     VALUES (?1, ?2, ?3, 'test')",
+                    params![kind, value, NOW],
+                )
+                .unwrap();
+        }
+        insert(0, 100);
+        let (n, small) = steps(&w.conn);
+        assert_eq!(n, 0);
+        insert(100, 3_000);
+        let (n, large) = steps(&w.conn);
+        assert_eq!(n, 0);
+        assert_eq!(
+            small, large,
+            "VM steps grew with the store: {small} → {large}"
+        );
+
+        // A revoked generation still covers every live certificate it signed.
+        w.conn
+            .execute(
+                "INSERT INTO revocations (kind, value, revoked_at_ms, reason) \
+                 VALUES ('ca_generation', '1', ?1, 'test')",
+                params![NOW],
+            )
+            .unwrap();
+        assert_eq!(steps(&w.conn).0, 3_000);
     }
 
     /// Commits `n` audit rows one at a time with checkpoints every `pages`
