@@ -435,7 +435,8 @@ pub enum StoreEvent {
 }
 
 /// Most rows of one table that one [`Store::purge_expired`] transaction
-/// deletes; the purge repeats until a round finds fewer.
+/// deletes (SQLite's nonce sweep excepted); the purge repeats until a round
+/// finds fewer.
 pub const PURGE_CHUNK: u32 = 256;
 
 /// Counts of rows, for status and tests.
@@ -511,10 +512,11 @@ pub trait Store: Send + Sync + 'static {
     async fn list_audit(&self, after_seq: u64, limit: u32) -> Result<Vec<AuditRow>, StoreError>;
 
     /// Forgets nonces, challenges and revocations whose `expires_at_ms <= now_ms`; returns how many.
-    /// Deletes in transactions of at most [`PURGE_CHUNK`] rows per table, so
-    /// that the writes queued meanwhile are not held up behind one long
-    /// delete (at 5,000 enrollments/s a 30 s maintenance tick finds ~150,000
-    /// expired nonces).
+    /// Deletes in bounded rounds, one transaction each, so that the writes
+    /// queued meanwhile are not held up behind one long delete (at 5,000
+    /// enrollments/s a 30 s maintenance tick finds ~150,000 expired nonces):
+    /// at most [`PURGE_CHUNK`] rows per table, except that SQLite walks the
+    /// nonce table in key order, a few thousand keys a round.
     async fn purge_expired(&self, now_ms: i64) -> Result<u64, StoreError>;
 
     /// Installs the foundation plan atomically: nonce unused → no plan was

@@ -1611,17 +1611,21 @@ async fn redeem_token(c: &mut PgConn, r: Redemption) -> Result<Finish<RedeemOutc
         return Ok(Finish::Rollback(RedeemOutcome::TokenRevoked));
     }
     // 3. A lost response retried with the same key gets the same
-    //    certificate; only the nonce is kept.
-    if let Some(row) = c
-        .query_opt(
-            SELECT_VALID_CERT,
-            &[&r.token_id, &r.cert.spki_sha256, &r.now_ms],
-        )
-        .await?
-    {
-        return Ok(Finish::Commit(RedeemOutcome::Retried(issued_from_row(
-            &row,
-        )?)));
+    //    certificate; only the nonce is kept. Only a token that was used
+    //    can have one: a first redemption (nearly every one) skips this
+    //    round trip.
+    if token.uses > 0 {
+        if let Some(row) = c
+            .query_opt(
+                SELECT_VALID_CERT,
+                &[&r.token_id, &r.cert.spki_sha256, &r.now_ms],
+            )
+            .await?
+        {
+            return Ok(Finish::Commit(RedeemOutcome::Retried(issued_from_row(
+                &row,
+            )?)));
+        }
     }
     // 4–5.
     if r.now_ms >= token.expires_at_ms {
