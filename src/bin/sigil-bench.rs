@@ -171,6 +171,13 @@ pub struct LoadArgs {
         help_heading = "In-process broker"
     )]
     pub prefill: u64,
+    /// Before starting, give every nonce in the store an expiry spread evenly
+    /// over the next SECS seconds (after any prefill), so that the broker's
+    /// maintenance purge deletes (nonces ÷ SECS) rows per second during the
+    /// run, as it does once a store holds a full window in steady state.
+    /// Without it, prefilled nonces expire an hour later and none is purged.
+    #[arg(long, value_name = "SECS", help_heading = "In-process broker")]
+    pub expire_nonces_over: Option<u32>,
     /// Tokio worker threads of the broker runtime [default: cores].
     #[arg(long, help_heading = "In-process broker")]
     pub broker_threads: Option<usize>,

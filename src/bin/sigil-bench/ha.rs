@@ -173,8 +173,8 @@ pub fn run(h: &HaArgs) -> anyhow::Result<i32> {
     if a.broker.is_some() || a.admin_socket.is_some() || a.broker_pid.is_some() {
         bail!("--broker: ha-postgres starts its own replicas in-process");
     }
-    if a.data_dir.is_some() || a.prefill > 0 {
-        bail!("--data-dir and --prefill apply to the SQLite scenarios only");
+    if a.data_dir.is_some() || a.prefill > 0 || a.expire_nonces_over.is_some() {
+        bail!("--data-dir, --prefill and --expire-nonces-over apply to the SQLite scenarios only");
     }
     if h.replicas.is_empty() || h.replicas.iter().any(|n| !(1..=MAX_REPLICAS).contains(n)) {
         bail!("--replicas: give counts between 1 and {MAX_REPLICAS}, e.g. 1,3");

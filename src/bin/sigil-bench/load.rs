@@ -260,8 +260,10 @@ pub fn run(a: &LoadArgs, mode: Mode) -> anyhow::Result<i32> {
         bail!("--rate must be a positive number of requests per second");
     }
     let external = a.broker.is_some();
-    if external && (a.prefill > 0 || a.data_dir.is_some()) {
-        bail!("--prefill and --data-dir apply to the in-process broker only (drop --broker)");
+    if external && (a.prefill > 0 || a.data_dir.is_some() || a.expire_nonces_over.is_some()) {
+        bail!(
+            "--prefill, --data-dir and --expire-nonces-over apply to the in-process broker only (drop --broker)"
+        );
     }
     if !external && (a.admin_socket.is_some() || a.ca_pin.is_some() || a.broker_pid.is_some()) {
         bail!("--admin-socket, --ca-pin and --broker-pid need --broker URL");
@@ -436,6 +438,9 @@ pub fn start_in_process(
     } else {
         None
     };
+    if let Some(secs) = a.expire_nonces_over {
+        prefill::spread_nonce_expiry(&data_dir.join("sigil.db"), secs, a.quiet)?;
+    }
     let mut cfg = Config::with_data_dir(&data_dir);
     cfg.listen = "127.0.0.1:0".parse()?;
     cfg.group_commit = a.group_commit;
@@ -1392,6 +1397,7 @@ impl Report<'_> {
                 "group_commit": self.target.in_process.then_some(self.a.group_commit),
                 "prefill": self.a.prefill,
                 "prefill_seconds": self.target.prefill_secs.map(round3),
+                "expire_nonces_over_seconds": self.a.expire_nonces_over,
                 "issued_at_start": self.target.issued_at_start,
             },
             "cores": procstat::cores(),

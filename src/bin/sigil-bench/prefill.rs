@@ -7,6 +7,11 @@
 //! Nonce rows expire one hour after the prefill, so none is purged during
 //! the run: the nonce table holds N rows, more than a full 5-minute window
 //! at any rate this broker reaches (window + skew = 360 s).
+//!
+//! `--expire-nonces-over SECS` ([`spread_nonce_expiry`]) then gives every
+//! nonce an expiry spread over the next SECS seconds, so the run pays the
+//! steady-state purge: a store that has held a full window for a while
+//! forgets as many nonces per second as it records.
 
 use std::{
     path::Path,
@@ -18,6 +23,7 @@ use std::{
 };
 
 use anyhow::{bail, Context};
+use rusqlite::{params, Connection};
 use sigil::{
     audit::{AuditKind, AuditRecord},
     clock::{Clock, SystemClock},
@@ -170,4 +176,43 @@ pub async fn run(db: &Path, n: u64, quiet: bool) -> anyhow::Result<f64> {
         );
     }
     Ok(started.elapsed().as_secs_f64())
+}
+
+/// Gives every nonce in the SQLite store at `db` an expiry uniformly
+/// distributed over `[now, now + secs)`, then checkpoints the WAL into the
+/// database file and syncs it, so none of this rewrite's I/O falls into the
+/// timed phase. Returns how many nonces the store holds. A store that does
+/// not exist yet has none.
+///
+/// # Errors
+/// The store cannot be opened or the update failed.
+pub fn spread_nonce_expiry(db: &Path, secs: u32, quiet: bool) -> anyhow::Result<u64> {
+    if !db.exists() {
+        return Ok(0);
+    }
+    let started = Instant::now();
+    let conn = Connection::open(db).with_context(|| format!("open {}", db.display()))?;
+    let now = SystemClock.now_ms();
+    let span = i64::from(secs.max(1)) * 1000;
+    let n = conn
+        .execute(
+            "UPDATE nonces SET expires_at_ms = ?1 + (random() & 0x7fffffffffff) % ?2",
+            params![now, span],
+        )
+        .context("spread the nonces' expiry")?;
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        .context("checkpoint")?;
+    drop(conn);
+    std::fs::File::open(db)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("sync {}", db.display()))?;
+    if !quiet {
+        eprintln!(
+            "nonces: {} now expire over the next {secs} s ({:.0}/s), rewritten in {:.1} s",
+            thousands(n as u64),
+            n as f64 / f64::from(secs.max(1)),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(n as u64)
 }
