@@ -40,8 +40,10 @@
 //! Every other answer is sent only after `COMMIT` returned, so `Ok` (and a
 //! refusal) always describes durable state. If the batch cannot commit (lost
 //! connection, `COMMIT` failed, the batch outlived its time limit), every job
-//! not yet answered gets `Unavailable`. A caller that stops waiting does not
-//! cancel its write: once queued, a job is applied.
+//! not yet answered gets `Unavailable`; so does every job of a batch in which
+//! a job panicked (each batch runs in a task of its own, whose connection is
+//! dropped, so the server rolls back, and the batcher goes on). A caller that
+//! stops waiting does not cancel its write: once queued, a job is applied.
 //!
 //! The audit chain needs one global order, so appends are serialized with a
 //! transaction-level advisory lock ([`AUDIT_LOCK`]) and the head is read
@@ -1339,8 +1341,32 @@ async fn run_batcher(
                 Err(_) => break,
             }
         }
-        run_batch(&pool, &mut batch, &stats).await;
-        batch.clear();
+        // Each batch runs in a task of its own, so that a job that panics
+        // (a bug) ends its batch, not the batcher: the panicking task drops
+        // the batch's connection, so the server rolls the transaction back,
+        // and the jobs' reply channels, so their callers get `Unavailable`
+        // (the outcome of a batch that did not reach `COMMIT`).
+        let task = tokio::spawn({
+            let (pool, stats) = (Arc::clone(&pool), Arc::clone(&stats));
+            let mut jobs = std::mem::take(&mut batch);
+            async move {
+                run_batch(&pool, &mut jobs, &stats).await;
+                jobs
+            }
+        });
+        match task.await {
+            Ok(mut jobs) => {
+                jobs.clear();
+                batch = jobs;
+            }
+            Err(e) => {
+                tracing::error!(
+                    panicked = e.is_panic(),
+                    "store write batch ended without an outcome; its writes were rolled back"
+                );
+                batch = Vec::with_capacity(MAX_BATCH);
+            }
+        }
     }
 }
 
@@ -2878,6 +2904,40 @@ mod tests {
         assert_eq!(conformance::all_audit(&store).await.len(), 8);
         store.close().await;
         db.drop_db().await;
+    }
+
+    /// A write that panics (a bug) fails its own batch and nothing else:
+    /// its caller gets `Unavailable`, nothing of its batch is committed, and
+    /// the batcher goes on serving writes.
+    #[tokio::test]
+    async fn a_panicking_write_fails_its_batch_not_the_batcher() {
+        let Some(db) = TestDb::create().await else {
+            return;
+        };
+        let store = db.store().await;
+        store.append_audit(record(1)).await.unwrap();
+        let panicking = store.write::<(), _>(|c| {
+            Box::pin(async move {
+                c.batch("INSERT INTO nonces (nonce, expires_at_ms) VALUES ('doomed', 1)")
+                    .await?;
+                panic!("a bug in a write job");
+            })
+        });
+        assert!(matches!(panicking.await, Err(StoreError::Unavailable(_))));
+        for i in 2..=4 {
+            store.append_audit(record(i)).await.unwrap();
+        }
+        let client = db.client().await;
+        let count = |sql: &'static str| {
+            let client = &client;
+            async move { client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+        };
+        assert_eq!(
+            count("SELECT COUNT(*) FROM nonces WHERE nonce = 'doomed'").await,
+            0
+        );
+        assert_eq!(count("SELECT COUNT(*) FROM audit").await, 4);
+        store.close().await;
     }
 
     #[tokio::test]
