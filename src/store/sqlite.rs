@@ -15,7 +15,9 @@
 //! Replies are sent only after `COMMIT` returned, so `Ok` always means durable
 //! (`synchronous=FULL`). Logical refusals (`NonceReplayed`, …) are not errors:
 //! they write nothing and commit with the batch. A caller that stops waiting
-//! does not cancel its write: once queued, an op is applied.
+//! does not cancel its write: once queued, an op is applied. An op that
+//! panics (a bug) ends its batch, not the thread: the batch is rolled back
+//! and its callers get `Unavailable`.
 //!
 //! Because one thread applies every write in order, the check-then-consume
 //! steps of [`Store::redeem_token`] can never interleave with another write.
@@ -1298,7 +1300,16 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.run_batch(batch);
+            // A panic in an op (a bug) ends its batch, not the writer: the
+            // unwinding drops the batch's replies (their callers get
+            // `Unavailable`), and what the batch had written is rolled back.
+            let start = self.head.clone();
+            let ran =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_batch(batch)));
+            if ran.is_err() {
+                tracing::error!("store write batch panicked; its writes were rolled back");
+                self.fail_batch(std::iter::empty(), start, "panicked");
+            }
         }
     }
 
@@ -2440,6 +2451,43 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM audit", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 1);
+    }
+
+    /// A write that panics (a bug) fails its own batch and nothing else: its
+    /// caller gets `Unavailable`, what it wrote is rolled back, and the
+    /// writer thread goes on serving writes with an intact audit chain.
+    #[test]
+    fn a_panicking_write_fails_its_batch_not_the_writer() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_in(&dir, SqliteOptions::default());
+        rt.block_on(store.append_audit(record(1))).unwrap();
+        let panicked = rt.block_on(store.job(|conn, head| -> Result<(), StoreError> {
+            remember_nonce(conn, "doomed", NOW)?;
+            append_audit(conn, head, &record(99))?;
+            panic!("a bug in a write op");
+        }));
+        assert!(matches!(panicked, Err(StoreError::Unavailable(_))));
+        for i in 2..=4 {
+            rt.block_on(store.append_audit(record(i))).unwrap();
+        }
+        let seen = rt
+            .block_on(store.read(|c| {
+                Ok(c.query_row(
+                    "SELECT 1 FROM nonces WHERE nonce = 'doomed'",
+                    [],
+                    |_| Ok(()),
+                )
+                .optional()?)
+            }))
+            .unwrap();
+        assert!(seen.is_none(), "the panicked batch's write was kept");
+        let rows = rt.block_on(store.list_audit(0, 100)).unwrap();
+        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        assert!(crate::audit::verify_chain(&rows).is_ok());
     }
 
     /// One purge round deletes at most `PURGE_CHUNK` rows of a table, so a
