@@ -216,3 +216,49 @@ pub fn spread_nonce_expiry(db: &Path, secs: u32, quiet: bool) -> anyhow::Result<
     }
     Ok(n as u64)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Every nonce gets an expiry inside `[now, now + secs)`, and a store
+    /// that does not exist yet is left alone.
+    #[test]
+    fn nonce_expiries_are_spread_over_the_next_secs() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("sigil.db");
+        assert_eq!(spread_nonce_expiry(&db, 360, true).unwrap(), 0);
+        assert!(!db.exists());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let store = SqliteStore::open(&db, SqliteOptions::default()).unwrap();
+        rt.block_on(store.close());
+        drop(store);
+        let conn = Connection::open(&db).unwrap();
+        for i in 0..500 {
+            conn.execute(
+                "INSERT INTO nonces (nonce, expires_at_ms) VALUES (?1, ?2)",
+                params![format!("n{i}"), i64::MAX / 2],
+            )
+            .unwrap();
+        }
+        drop(conn);
+        let before = SystemClock.now_ms();
+        assert_eq!(spread_nonce_expiry(&db, 360, true).unwrap(), 500);
+        let after = SystemClock.now_ms();
+        let conn = Connection::open(&db).unwrap();
+        let (lo, hi): (i64, i64) = conn
+            .query_row(
+                "SELECT MIN(expires_at_ms), MAX(expires_at_ms) FROM nonces",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert!(lo >= before, "{lo} < {before}");
+        assert!(hi < after + 360_000, "{hi} beyond the window");
+        // Spread, not all at one instant: 500 draws over 360 s.
+        assert!(hi - lo > 300_000, "{lo}..{hi} is not spread");
+    }
+}
