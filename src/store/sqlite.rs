@@ -1304,18 +1304,19 @@ impl Writer {
             // unwinding drops the batch's replies (their callers get
             // `Unavailable`), and what the batch had written is rolled back.
             let start = self.head.clone();
-            let ran =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_batch(batch)));
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.run_batch(batch, &start);
+            }));
             if ran.is_err() {
                 tracing::error!("store write batch panicked; its writes were rolled back");
-                self.fail_batch(std::iter::empty(), start, "panicked");
+                self.fail_batch(std::iter::empty(), &start, "panicked");
             }
         }
     }
 
     /// Applies `ops` in one transaction, commits, then replies to each.
-    fn run_batch(&mut self, ops: Vec<Op>) {
-        let start_head = self.head.clone();
+    /// `start_head` is the chain head as committed before the batch.
+    fn run_batch(&mut self, ops: Vec<Op>, start_head: &ChainHead) {
         if let Err(e) = exec_cached(&self.conn, "BEGIN IMMEDIATE") {
             tracing::error!(error = %e, ops = ops.len(), "store batch could not begin");
             for op in ops {
@@ -1392,7 +1393,7 @@ impl Writer {
 
     /// Rolls back whatever is open, restores the chain head to what is
     /// committed and replies `Unavailable` to every op of the batch.
-    fn fail_batch(&mut self, done: impl IntoIterator<Item = Done>, start: ChainHead, msg: &str) {
+    fn fail_batch(&mut self, done: impl IntoIterator<Item = Done>, start: &ChainHead, msg: &str) {
         if !self.conn.is_autocommit() {
             if let Err(e) = self.conn.execute_batch("ROLLBACK") {
                 tracing::error!(error = %e, "store rollback failed");
@@ -1401,7 +1402,7 @@ impl Writer {
         // The database is the truth; the batch-start copy is what it held.
         self.head = match load_head(&self.conn) {
             Ok(h) => h,
-            Err(_) => start,
+            Err(_) => start.clone(),
         };
         for d in done {
             d.fail(msg).send();
@@ -1636,24 +1637,24 @@ fn purge_expired(
         None => (0, None),
     };
     let chunk = i64::from(super::PURGE_CHUNK);
-    let others = conn
+    let revocations = conn
         .prepare_cached(
             "DELETE FROM revocations WHERE rowid IN \
              (SELECT rowid FROM revocations \
               WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?1 LIMIT ?2)",
         )?
-        .execute([now_ms, chunk])?
-        .max(
-            conn.prepare_cached(
-                "DELETE FROM challenges WHERE nonce IN \
-                 (SELECT nonce FROM challenges WHERE expires_at_ms <= ?1 LIMIT ?2)",
-            )?
-            .execute([now_ms, chunk])?,
-        );
+        .execute([now_ms, chunk])?;
+    let challenges = conn
+        .prepare_cached(
+            "DELETE FROM challenges WHERE nonce IN \
+             (SELECT nonce FROM challenges WHERE expires_at_ms <= ?1 LIMIT ?2)",
+        )?
+        .execute([now_ms, chunk])?;
+    let full = usize::try_from(chunk).unwrap_or(usize::MAX);
     Ok(PurgeRound {
-        deleted: nonces + to_count(others)?,
+        deleted: nonces + to_count(revocations)? + to_count(challenges)?,
         next,
-        others_full: others >= usize::try_from(chunk).unwrap_or(usize::MAX),
+        others_full: revocations >= full || challenges >= full,
     })
 }
 
@@ -2369,7 +2370,8 @@ mod tests {
         let (c1, rc1) = create_op("one");
         let (c2, rc2) = create_op("one"); // duplicate: Conflict
         let (a2, r2) = append_op(2);
-        w.run_batch(vec![a1, c1, c2, a2]);
+        let start = w.head.clone();
+        w.run_batch(vec![a1, c1, c2, a2], &start);
         assert_eq!(r1.blocking_recv().unwrap().unwrap(), 1);
         rc1.blocking_recv().unwrap().unwrap();
         assert!(matches!(
@@ -2389,7 +2391,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut w = writer_in(&dir);
         let (a0, r0) = append_op(0);
-        w.run_batch(vec![a0]);
+        let start = w.head.clone();
+        w.run_batch(vec![a0], &start);
         assert_eq!(r0.blocking_recv().unwrap().unwrap(), 1);
         let committed = w.head.clone();
 
@@ -2410,7 +2413,8 @@ mod tests {
             audit: AuditRecord::new(NOW, AuditKind::Denied, "boom"),
             reply: boom_reply,
         };
-        w.run_batch(vec![a1, c1, boom]);
+        let start = w.head.clone();
+        w.run_batch(vec![a1, c1, boom], &start);
         for r in [
             r1.blocking_recv().unwrap().map(|_| ()),
             rc1.blocking_recv().unwrap(),
@@ -2428,7 +2432,8 @@ mod tests {
 
         w.conn.execute_batch("DROP TRIGGER temp.boom").unwrap();
         let (a2, r2) = append_op(2);
-        w.run_batch(vec![a2]);
+        let start = w.head.clone();
+        w.run_batch(vec![a2], &start);
         assert_eq!(r2.blocking_recv().unwrap().unwrap(), 2);
         assert_eq!(audit::verify_chain(&chain_of(&w.conn)), Ok(2));
     }
@@ -2514,6 +2519,21 @@ mod tests {
         assert_eq!(round(), (chunk, true));
         assert_eq!(round(), (600 - 2 * chunk, false));
         assert_eq!(round(), (0, false));
+        // A round counts what it deleted in every table.
+        w.conn
+            .execute(
+                "INSERT INTO challenges (nonce, expires_at_ms) VALUES ('c', ?1)",
+                [NOW - 1],
+            )
+            .unwrap();
+        w.conn
+            .execute(
+                "INSERT INTO revocations (kind, value, revoked_at_ms, expires_at_ms, reason) \
+                 VALUES ('serial', 's', ?1, ?1, 'test')",
+                [NOW - 1],
+            )
+            .unwrap();
+        assert_eq!(round(), (2, false));
     }
 
     /// Fills the nonce table with `n` random nonces, every `expired_every`-th
