@@ -2938,6 +2938,7 @@ mod tests {
         );
         assert_eq!(count("SELECT COUNT(*) FROM audit").await, 4);
         store.close().await;
+        db.drop_db().await;
     }
 
     #[tokio::test]
