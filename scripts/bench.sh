@@ -165,7 +165,7 @@ JSON
 
 if [[ "${BENCH_CRITERION:-1}" == 1 ]]; then
   log "criterion micro-benchmarks"
-  cargo bench --locked --bench crypto --bench store
+  cargo bench --locked --bench crypto --bench store --bench tls
 fi
 
 log "report"

@@ -65,7 +65,7 @@ pub async fn fetch(src: &JwksSource) -> anyhow::Result<String> {
         ),
         _ => (authority, 443),
     };
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = crate::tls::crypto_provider();
     let cfg = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots(src.ca_file.as_ref())?)

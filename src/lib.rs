@@ -18,7 +18,7 @@
 //! | [`audit`] | audit event shape and the hash chain |
 //! | [`attest`] | attestation verifiers (Nitro, OIDC) behind one trait |
 //! | [`policy`] | plans: parse, validate, canonicalise, hash |
-//! | [`tls`] | the public port's dynamic TLS (rotation-aware) |
+//! | [`tls`] | the public port's dynamic TLS (rotation-aware); the TLS parameters of every Sigil connection |
 //! | [`netio`] | write coalescing for connections on and to the public port |
 //! | [`ratelimit`], [`metrics`] | leaves: token buckets, Prometheus text |
 //! | [`identity`], [`secret`], [`clock`] | leaves: SPIFFE names, secret bytes, time |

@@ -7,6 +7,13 @@
 //! lets a just-expired X509-SVID still complete the handshake; the broker
 //! then decides. Handshakes that take longer than the timeout are dropped,
 //! so slow clients cannot pin connections.
+//!
+//! It also owns the TLS parameters both ends use ([`crypto_provider`]):
+//! aws-lc-rs; the post-quantum hybrid X25519MLKEM768 as the preferred key
+//! exchange; TLS 1.3 suites ordered AES-128-GCM-SHA256 first, chosen by the
+//! server whatever the client prefers; and no session tickets or session
+//! cache (every connection runs a full handshake and presents its
+//! certificate afresh).
 
 use std::{
     net::SocketAddr,
@@ -33,6 +40,46 @@ use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{ca::ring::Authority, netio::Coalesced};
+
+/// The TLS suites both ends prefer, most preferred first. TLS 1.3's
+/// AES-128-GCM-SHA256 (the suite RFC 8446 §9.1 makes mandatory) leads:
+/// the SHA-384 key schedule of AES-256-GCM-SHA384 (rustls' first choice)
+/// ran on aws-lc's portable SHA-512 code on the benchmark machine's AMD
+/// EPYC (`sha512_block_data_order_nohw` in `perf`) and cost ~35 µs more CPU
+/// per handshake on each side (`cargo bench --bench tls`). TLS 1.2 suites keep the same order for clients that cannot do 1.3.
+const SUITE_ORDER: [rustls::CipherSuite; 9] = [
+    rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+    rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+    rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+    rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+    rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+    rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+    rustls::CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+];
+
+/// The crypto provider of the broker's port and of every Sigil client:
+/// aws-lc-rs with its default suites and key exchange groups, the suites
+/// in [`SUITE_ORDER`] (any suite not listed there keeps its place after
+/// them), and X25519MLKEM768 (ML-KEM-768 with X25519, as Go and the
+/// browsers use by default) moved ahead of plain X25519, where rustls puts
+/// it without its `prefer-post-quantum` feature: what a recorded session
+/// carries (JWT-SVIDs, admin-issued token secrets) should not be readable
+/// by a future quantum computer. It costs each end ~20–30 µs more per
+/// handshake (`cargo bench --bench tls`).
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites.sort_by_key(|s| {
+        SUITE_ORDER
+            .iter()
+            .position(|o| *o == s.suite())
+            .unwrap_or(SUITE_ORDER.len())
+    });
+    p.kx_groups
+        .sort_by_key(|g| g.name() != rustls::NamedGroup::X25519MLKEM768);
+    Arc::new(p)
+}
 
 /// The serving certificate a TLS configuration is built from.
 pub struct TlsMaterial {
@@ -178,7 +225,7 @@ impl DynamicTls {
     /// # Errors
     /// Unusable certificate, key or roots.
     pub fn new(authority: Arc<Authority>, m: TlsMaterial) -> anyhow::Result<Self> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let provider = crypto_provider();
         let verifier = Arc::new(RingVerifier {
             authority,
             provider: provider.clone(),
@@ -210,7 +257,8 @@ impl DynamicTls {
         self.verifier.grace_secs.store(secs, Ordering::Relaxed);
     }
 
-    fn current(&self) -> Arc<ServerConfig> {
+    /// The configuration new connections get.
+    pub fn current(&self) -> Arc<ServerConfig> {
         self.config
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -231,6 +279,14 @@ fn build(
         .with_single_cert(chain, key)
         .context("serving certificate")?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    // Our order, not the client's: rustls clients put AES-256 first.
+    cfg.ignore_client_order = true;
+    // No resumption. Sigil's clients do not resume (the CLI is one process
+    // per call, the agent keeps its connection), so tickets only cost both
+    // ends CPU on every handshake; without them every connection verifies
+    // its client certificate at the handshake.
+    cfg.send_tls13_tickets = 0;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(Arc::new(cfg))
 }
 
@@ -272,4 +328,245 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Moves TLS records between a client and a server connection in memory
+/// until neither has anything left to send: a whole handshake (and the
+/// server's post-handshake messages) without sockets, for tests and
+/// `benches/tls.rs`.
+///
+/// # Errors
+/// Either side rejected the other's records.
+#[cfg(any(test, feature = "test-support"))]
+pub fn pump(
+    client: &mut rustls::ClientConnection,
+    server: &mut rustls::ServerConnection,
+) -> Result<(), rustls::Error> {
+    fn send(
+        from: &mut dyn FnMut(&mut Vec<u8>) -> std::io::Result<usize>,
+        to: &mut dyn FnMut(&mut &[u8]) -> Result<(), rustls::Error>,
+    ) -> Result<bool, rustls::Error> {
+        let mut buf = Vec::new();
+        while from(&mut buf).map_err(|e| rustls::Error::General(e.to_string()))? > 0 {}
+        let mut rest = &buf[..];
+        while !rest.is_empty() {
+            to(&mut rest)?;
+        }
+        Ok(!buf.is_empty())
+    }
+    loop {
+        let c2s = send(
+            &mut |b| {
+                if client.wants_write() {
+                    client.write_tls(b)
+                } else {
+                    Ok(0)
+                }
+            },
+            &mut |r| {
+                server
+                    .read_tls(r)
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+                server.process_new_packets().map(|_| ())
+            },
+        )?;
+        let s2c = send(
+            &mut |b| {
+                if server.wants_write() {
+                    server.write_tls(b)
+                } else {
+                    Ok(0)
+                }
+            },
+            &mut |r| {
+                client
+                    .read_tls(r)
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+                client.process_new_packets().map(|_| ())
+            },
+        )?;
+        if !c2s && !s2c {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::{
+        client::{ClientSessionStore, Tls12ClientSessionValue, Tls13ClientSessionValue},
+        pki_types::ServerName,
+        ClientConfig, ClientConnection, HandshakeKind, NamedGroup, ServerConnection,
+    };
+
+    use super::*;
+    use crate::{
+        ca::ring::RingOptions,
+        cli::{spki_sha256, tls_config, Trust},
+        identity::TrustDomain,
+    };
+
+    /// A serving configuration of a fresh authority, its CA pin and CA.
+    fn serving(dir: &std::path::Path) -> (DynamicTls, [u8; 32], Vec<u8>) {
+        let td = TrustDomain::parse("tls.test").expect("trust domain");
+        let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+        let (authority, _) =
+            Authority::load_or_create(dir, &td, now, RingOptions::default()).expect("authority");
+        let view = authority.view();
+        let ca = view.serving();
+        let (leaf, key) = ca
+            .serving_cert(&["localhost".to_owned()], now)
+            .expect("serving certificate");
+        let ca_der = ca.ca_cert_der().to_vec();
+        let pin = spki_sha256(&ca_der).expect("CA SPKI");
+        let tls = DynamicTls::new(
+            Arc::new(authority),
+            TlsMaterial {
+                chain: vec![leaf, ca_der.clone()],
+                key_pkcs8: key,
+            },
+        )
+        .expect("server config");
+        (tls, pin, ca_der)
+    }
+
+    fn connect(
+        client: &Arc<ClientConfig>,
+        server: &DynamicTls,
+    ) -> Result<(ClientConnection, ServerConnection), rustls::Error> {
+        let name = ServerName::try_from("localhost").expect("name");
+        let mut c = ClientConnection::new(client.clone(), name)?;
+        let mut s = ServerConnection::new(server.current())?;
+        pump(&mut c, &mut s)?;
+        Ok((c, s))
+    }
+
+    /// Counts the session tickets a client is given.
+    #[derive(Debug)]
+    struct Tickets(
+        std::sync::atomic::AtomicUsize,
+        rustls::client::ClientSessionMemoryCache,
+    );
+
+    impl Tickets {
+        fn new() -> Self {
+            Self(0.into(), rustls::client::ClientSessionMemoryCache::new(16))
+        }
+        fn count(&self) -> usize {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+
+    impl ClientSessionStore for Tickets {
+        fn set_kx_hint(&self, n: ServerName<'static>, g: NamedGroup) {
+            self.1.set_kx_hint(n, g);
+        }
+        fn kx_hint(&self, n: &ServerName<'_>) -> Option<NamedGroup> {
+            self.1.kx_hint(n)
+        }
+        fn set_tls12_session(&self, n: ServerName<'static>, v: Tls12ClientSessionValue) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            self.1.set_tls12_session(n, v);
+        }
+        fn tls12_session(&self, n: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+            self.1.tls12_session(n)
+        }
+        fn remove_tls12_session(&self, n: &ServerName<'static>) {
+            self.1.remove_tls12_session(n);
+        }
+        fn insert_tls13_ticket(&self, n: ServerName<'static>, v: Tls13ClientSessionValue) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            self.1.insert_tls13_ticket(n, v);
+        }
+        fn take_tls13_ticket(&self, n: &ServerName<'static>) -> Option<Tls13ClientSessionValue> {
+            self.1.take_tls13_ticket(n)
+        }
+    }
+
+    #[test]
+    fn the_server_chooses_aes_128_whatever_the_client_prefers_and_ours_use_the_hybrid_kem() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (server, pin, ca) = serving(dir.path());
+        // Sigil's own client, and a client with rustls' defaults (AES-256 first).
+        let ours = Arc::new(tls_config(&Trust::Pin(pin)).expect("client config"));
+        let mut theirs = ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates({
+            let mut roots = RootCertStore::empty();
+            roots.add(CertificateDer::from(ca)).expect("CA root");
+            roots
+        })
+        .with_no_client_auth();
+        theirs.alpn_protocols = vec![b"h2".to_vec()];
+        assert_eq!(
+            theirs.crypto_provider().cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+            "the second client must prefer another suite for this test to mean anything"
+        );
+        // A client that sends no hybrid key share is not made to retry.
+        let groups = [NamedGroup::X25519MLKEM768, NamedGroup::X25519];
+        for (client, group) in [ours, Arc::new(theirs)].into_iter().zip(groups) {
+            let (c, s) = connect(&client, &server).expect("handshake");
+            for suite in [c.negotiated_cipher_suite(), s.negotiated_cipher_suite()] {
+                assert_eq!(
+                    suite.map(|s| s.suite()),
+                    Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+                );
+            }
+            assert_eq!(
+                s.negotiated_key_exchange_group().map(|g| g.name()),
+                Some(group)
+            );
+            assert_eq!(s.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+            assert_eq!(c.alpn_protocol(), Some(&b"h2"[..]));
+        }
+    }
+
+    #[test]
+    fn no_session_is_resumable_every_connection_runs_a_full_handshake() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (server, pin, _) = serving(dir.path());
+        let tickets = Arc::new(Tickets::new());
+        let mut cfg = tls_config(&Trust::Pin(pin)).expect("client config");
+        cfg.resumption = rustls::client::Resumption::store(tickets.clone());
+        let cfg = Arc::new(cfg);
+        for round in 0..3 {
+            let (c, s) = connect(&cfg, &server).expect("handshake");
+            assert_eq!(
+                c.handshake_kind(),
+                Some(HandshakeKind::Full),
+                "round {round}"
+            );
+            assert_eq!(
+                s.handshake_kind(),
+                Some(HandshakeKind::Full),
+                "round {round}"
+            );
+        }
+        assert_eq!(tickets.count(), 0, "the server sent session tickets");
+    }
+
+    #[test]
+    fn a_pinned_client_that_connected_once_still_refuses_another_ca() {
+        let (a, b) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        let (server_a, pin_a, _) = serving(a.path());
+        let (server_b, pin_b, _) = serving(b.path());
+        assert_ne!(pin_a, pin_b);
+        let cfg = Arc::new(tls_config(&Trust::Pin(pin_a)).expect("client config"));
+        for _ in 0..2 {
+            connect(&cfg, &server_a).expect("the pinned CA is accepted");
+            let err = connect(&cfg, &server_b).expect_err("another CA must be refused");
+            assert!(err.to_string().contains("does not match --ca-pin"), "{err}");
+        }
+        // And the other way round: a client pinned to B, after B, refuses A.
+        let cfg = Arc::new(tls_config(&Trust::Pin(pin_b)).expect("client config"));
+        connect(&cfg, &server_b).expect("B accepted");
+        assert!(connect(&cfg, &server_a).is_err());
+    }
 }

@@ -2,12 +2,18 @@
 //! pin (`sha256:<hex of the CA SubjectPublicKeyInfo>`) or a bundle PEM file,
 //! and plain HTTP/2 over the local admin socket.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use anyhow::{anyhow, bail, Context};
 use hyper_util::rt::TokioIo;
 use rustls::{
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    client::{
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        WebPkiServerVerifier,
+    },
     crypto::CryptoProvider,
     pki_types::{CertificateDer, ServerName, UnixTime},
     ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
@@ -87,27 +93,39 @@ pub fn spki_sha256(cert_der: &[u8]) -> Option<[u8; 32]> {
     Some(Sha256::digest(cert.tbs_certificate.subject_pki.raw).into())
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
-
 /// Accepts the server chain only if one of its certificates has the pinned
-/// CA key and the leaf validates (RFC 5280 + hostname) under that CA.
+/// CA key and the leaf validates (RFC 5280 + hostname) under that CA. The
+/// verifier built for the last CA certificate that matched is kept, so a
+/// client that connects again (the load generator, the agent) does not
+/// re-parse the CA on every handshake; a chain with another CA certificate
+/// (after a rotation) is checked against the pin afresh.
 #[derive(Debug)]
 struct PinnedCaVerifier {
     pin: [u8; 32],
     provider: Arc<CryptoProvider>,
+    last: Mutex<Option<(CertificateDer<'static>, Arc<WebPkiServerVerifier>)>>,
 }
 
-impl ServerCertVerifier for PinnedCaVerifier {
-    fn verify_server_cert(
+impl PinnedCaVerifier {
+    fn new(pin: [u8; 32], provider: Arc<CryptoProvider>) -> Self {
+        Self {
+            pin,
+            provider,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// The verifier for the pinned CA among `intermediates`.
+    fn for_chain(
         &self,
-        end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
+    ) -> Result<Arc<WebPkiServerVerifier>, rustls::Error> {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((der, v)) = last.as_ref() {
+            if intermediates.iter().any(|c| c.as_ref() == der.as_ref()) {
+                return Ok(v.clone());
+            }
+        }
         let ca = intermediates
             .iter()
             .find(|c| spki_sha256(c) == Some(self.pin))
@@ -120,13 +138,30 @@ impl ServerCertVerifier for PinnedCaVerifier {
         roots
             .add(ca.clone().into_owned())
             .map_err(|e| rustls::Error::General(format!("pinned CA unusable: {e}")))?;
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            self.provider.clone(),
+        let v = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        *last = Some((ca.clone().into_owned(), v.clone()));
+        Ok(v)
+    }
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.for_chain(intermediates)?.verify_server_cert(
+            end_entity,
+            &[],
+            server_name,
+            ocsp_response,
+            now,
         )
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
-        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
 
     fn verify_tls12_signature(
@@ -223,16 +258,13 @@ pub fn tls_config_with(
     trust: &Trust,
     client: Option<ClientIdentity>,
 ) -> anyhow::Result<ClientConfig> {
-    let provider = provider();
+    let provider = crate::tls::crypto_provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
     let builder = match trust {
         Trust::Pin(pin) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier {
-                pin: *pin,
-                provider,
-            })),
+            .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier::new(*pin, provider))),
         Trust::Roots(ders) => {
             let mut roots = RootCertStore::empty();
             for d in ders {

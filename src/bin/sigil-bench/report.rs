@@ -1080,7 +1080,7 @@ fn generate(r: &Results, criterion_dir: &Path) -> String {
         for (id, median, mean) in &crit {
             let _ = writeln!(s, "| `{id}` | {} | {} |", fmt_ns(*median), fmt_ns(*mean));
         }
-        s.push_str("\n`store/redeem_*` time one redemption (the whole batch's wall time ÷ redemptions) with 32 in flight.\n\n");
+        s.push_str("\n`store/redeem_*` time one redemption (the whole batch's wall time ÷ redemptions) with 32 in flight. `handshake/*` time one full TLS 1.3 handshake, client and server CPU together, records moved in memory (`benches/tls.rs`): `sigil` is the broker's and the CLI's configuration (X25519MLKEM768, AES-128-GCM-SHA256, no tickets), `rustls_defaults` rustls' own (X25519, AES-256-GCM-SHA384, two tickets), `sigil_suites_x25519_only` Sigil's without the hybrid key exchange.\n\n");
     }
     let _ = writeln!(s, "{END}");
     s
