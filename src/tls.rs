@@ -342,53 +342,33 @@ pub fn pump(
     client: &mut rustls::ClientConnection,
     server: &mut rustls::ServerConnection,
 ) -> Result<(), rustls::Error> {
-    fn send(
-        from: &mut dyn FnMut(&mut Vec<u8>) -> std::io::Result<usize>,
-        to: &mut dyn FnMut(&mut &[u8]) -> Result<(), rustls::Error>,
-    ) -> Result<bool, rustls::Error> {
-        let mut buf = Vec::new();
-        while from(&mut buf).map_err(|e| rustls::Error::General(e.to_string()))? > 0 {}
-        let mut rest = &buf[..];
-        while !rest.is_empty() {
-            to(&mut rest)?;
-        }
-        Ok(!buf.is_empty())
-    }
     loop {
-        let c2s = send(
-            &mut |b| {
-                if client.wants_write() {
-                    client.write_tls(b)
-                } else {
-                    Ok(0)
-                }
-            },
-            &mut |r| {
-                server
-                    .read_tls(r)
-                    .map_err(|e| rustls::Error::General(e.to_string()))?;
-                server.process_new_packets().map(|_| ())
-            },
-        )?;
-        let s2c = send(
-            &mut |b| {
-                if server.wants_write() {
-                    server.write_tls(b)
-                } else {
-                    Ok(0)
-                }
-            },
-            &mut |r| {
-                client
-                    .read_tls(r)
-                    .map_err(|e| rustls::Error::General(e.to_string()))?;
-                client.process_new_packets().map(|_| ())
-            },
-        )?;
+        let c2s = flow(client, server)?;
+        let s2c = flow(server, client)?;
         if !c2s && !s2c {
             return Ok(());
         }
     }
+}
+
+/// Moves everything `from` has to send into `to`; whether there was any.
+#[cfg(any(test, feature = "test-support"))]
+fn flow<A, B, DA, DB>(from: &mut A, to: &mut B) -> Result<bool, rustls::Error>
+where
+    A: std::ops::DerefMut<Target = rustls::ConnectionCommon<DA>>,
+    B: std::ops::DerefMut<Target = rustls::ConnectionCommon<DB>>,
+{
+    let io = |e: std::io::Error| rustls::Error::General(e.to_string());
+    let mut buf = Vec::new();
+    while from.wants_write() {
+        from.write_tls(&mut buf).map_err(io)?;
+    }
+    let mut rest = &buf[..];
+    while !rest.is_empty() {
+        to.read_tls(&mut rest).map_err(io)?;
+        to.process_new_packets()?;
+    }
+    Ok(!buf.is_empty())
 }
 
 #[cfg(test)]
