@@ -169,33 +169,67 @@ fn live_generations(manifest: &[u8]) -> Vec<u64> {
         .unwrap_or_default()
 }
 
+/// A generation's files as one stored value: a JSON object of base64 text
+/// per file name (`ca.key`, `ca.crt`, `jwt.key`). The text encodes private
+/// keys, so it lives only in this type, which zeroises it on drop; the
+/// JSON is written into a buffer sized up front (no reallocation leaves a
+/// copy behind) and parsed straight into these fields (base64 has nothing
+/// to unescape, so the parser makes no scratch copy).
+#[derive(serde::Serialize, serde::Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+struct GenerationValue {
+    #[serde(rename = "ca.key")]
+    ca_key: String,
+    #[serde(rename = "ca.crt")]
+    ca_crt: String,
+    #[serde(rename = "jwt.key")]
+    jwt_key: String,
+}
+
+impl GenerationValue {
+    /// The base64 text of `file` (one of [`GEN_FILES`]).
+    fn text(&self, file: &str) -> Option<&str> {
+        match file {
+            "ca.key" => Some(&self.ca_key),
+            "ca.crt" => Some(&self.ca_crt),
+            "jwt.key" => Some(&self.jwt_key),
+            _ => None,
+        }
+    }
+
+    fn to_json(&self) -> Option<Secret> {
+        let text_len = self.ca_key.len() + self.ca_crt.len() + self.jwt_key.len();
+        // Braces, three quoted names, quotes, colons and commas: < 64 bytes.
+        let mut json = Vec::with_capacity(text_len + 64);
+        let written = serde_json::to_writer(&mut json, self);
+        let json = Secret::new(json);
+        written.ok().map(|()| json)
+    }
+}
+
 /// Generation `id`'s local files as one value (JSON of base64), or `None`
 /// when one of them is missing.
 fn read_generation(dir: &Path, id: u64) -> Option<Secret> {
-    let mut m = serde_json::Map::new();
-    for f in GEN_FILES {
+    let encode = |f: &str| -> Option<String> {
         let bytes = Secret::new(fs::read(dir.join(gen_rel(id, f))).ok()?);
-        m.insert(
-            f.to_owned(),
-            base64::engine::general_purpose::STANDARD
-                .encode(bytes.expose())
-                .into(),
-        );
+        Some(base64::engine::general_purpose::STANDARD.encode(bytes.expose()))
+    };
+    GenerationValue {
+        ca_key: encode("ca.key")?,
+        ca_crt: encode("ca.crt")?,
+        jwt_key: encode("jwt.key")?,
     }
-    let json = serde_json::to_vec(&serde_json::Value::Object(m)).ok()?;
-    Some(Secret::new(json))
+    .to_json()
 }
 
 /// Writes generation `id`'s files from a value made by [`read_generation`];
 /// returns whether a local file changed.
 fn write_generation(dir: &Path, id: u64, value: &Secret) -> anyhow::Result<bool> {
-    let m: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(value.expose())
-        .with_context(|| format!("{}: malformed generation value", gen_name(id)))?;
+    let v: GenerationValue = serde_json::from_slice(value.expose())
+        .map_err(|_| anyhow!("{}: malformed generation value", gen_name(id)))?;
     let mut files = Vec::with_capacity(GEN_FILES.len());
     for f in GEN_FILES {
-        let text = m
-            .get(f)
-            .and_then(|v| v.as_str())
+        let text = v
+            .text(f)
             .with_context(|| format!("{}: {f} missing", gen_name(id)))?;
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(text)
@@ -324,6 +358,66 @@ pub fn load_kek(file: Option<&PathBuf>, env: Option<&str>) -> anyhow::Result<Opt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn write_files(dir: &Path, id: u64, files: &[(&str, &[u8])]) {
+        fs::create_dir_all(dir.join(format!("ca/g{id}"))).unwrap();
+        for (f, bytes) in files {
+            fs::write(dir.join(gen_rel(id, f)), bytes).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_generation_value_round_trips_fits_its_buffer_and_reads_older_json() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let key = rand::random::<[u8; 32]>().repeat(8);
+        let files: [(&str, &[u8]); 3] = [
+            ("ca.key", &key),
+            ("ca.crt", b"certificate bytes"),
+            ("jwt.key", &key[..100]),
+        ];
+        write_files(a.path(), 3, &files);
+        let value = read_generation(a.path(), 3).expect("all three files");
+        // The JSON fits the buffer sized up front, so it was never moved.
+        let text_len: usize = files
+            .iter()
+            .map(|(_, b)| base64::engine::general_purpose::STANDARD.encode(b).len())
+            .sum();
+        assert!(value.expose().len() <= text_len + 64);
+        assert!(write_generation(b.path(), 3, &value).unwrap());
+        for (f, bytes) in files {
+            assert_eq!(fs::read(b.path().join(gen_rel(3, f))).unwrap(), bytes);
+        }
+        assert!(!write_generation(b.path(), 3, &value).unwrap(), "unchanged");
+        // Values written by the serde_json::Map code before (any key order).
+        let b64 = |x: &[u8]| base64::engine::general_purpose::STANDARD.encode(x);
+        let older = serde_json::json!({
+            "jwt.key": b64(b"j"), "ca.crt": b64(b"c"), "ca.key": b64(b"k")
+        });
+        let c = tempfile::tempdir().unwrap();
+        write_generation(c.path(), 1, &Secret::new(older.to_string().into_bytes())).unwrap();
+        assert_eq!(fs::read(c.path().join(gen_rel(1, "ca.key"))).unwrap(), b"k");
+        // A missing file: no value.
+        fs::remove_file(a.path().join(gen_rel(3, "jwt.key"))).unwrap();
+        assert!(read_generation(a.path(), 3).is_none());
+    }
+
+    #[test]
+    fn a_malformed_generation_value_is_refused_without_quoting_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let secretish = "S3CR3TKEYTEXT";
+        for bad in [
+            format!(r#"{{"ca.key":"{secretish}","ca.crt":"eA=="}}"#),
+            format!(r#"{{"ca.key":"{secretish}!","ca.crt":"eA==","jwt.key":"eA=="}}"#),
+            format!("{secretish} not json"),
+        ] {
+            let err = write_generation(dir.path(), 1, &Secret::new(bad.into_bytes()))
+                .expect_err("refused");
+            let text = format!("{err:#} {err:?}");
+            assert!(!text.contains(secretish), "{text}");
+            assert!(text.contains("ca/g1"), "{text}");
+        }
+        assert!(!dir.path().join("ca/g1/ca.key").exists());
+    }
 
     /// Two replicas that generated different keys at the same instant (so
     /// with identical manifests) end up with the first publisher's
