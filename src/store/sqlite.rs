@@ -84,6 +84,7 @@ const STATEMENT_CACHE: usize = 128;
 /// Append new entries, never edit old ones.
 const MIGRATIONS: &[&str] = &[
     SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8,
+    SCHEMA_V9,
 ];
 
 /// Version 1: tokens, nonces, issued certificates, audit chain.
@@ -204,6 +205,22 @@ CREATE INDEX issued_gen_not_after ON issued (CAST(ca_gen AS TEXT), not_after_ms)
 /// goes: one B-tree insert less per enrollment, and no random deletes in it.
 const SCHEMA_V8: &str = "
 DROP INDEX nonces_expires_at_ms;
+";
+
+/// Version 9: the retry index (redemption step 3) starts with the paying
+/// token's creation time. Keyed by the random token id, every certificate
+/// inserted into a random leaf of it, which on a large store is a page
+/// read, a WAL frame and a checkpoint write of its own (BENCHMARKS.md §1c);
+/// tokens are mostly redeemed soon after they are created, so inserts now
+/// land at the index's right edge. Existing rows take their token's
+/// creation time (NULL without a token, never looked up).
+const SCHEMA_V9: &str = "
+ALTER TABLE issued ADD COLUMN token_created_ms INTEGER;
+UPDATE issued SET token_created_ms =
+    (SELECT t.created_at_ms FROM tokens t WHERE t.token_id = issued.token_id)
+    WHERE token_id IS NOT NULL;
+DROP INDEX issued_token_spki;
+CREATE INDEX issued_token_key ON issued (token_created_ms, token_id, spki_sha256);
 ";
 
 /// SQL condition: the `issued` row aliased `c` is covered by a revocation.
@@ -818,7 +835,9 @@ fn revocation_from_row(r: &Row<'_>) -> rusqlite::Result<RevocationRecord> {
     })
 }
 
-/// Inserts an issued certificate row.
+/// Inserts an issued certificate row, with its token's creation time for
+/// the retry index (schema 9; the token's row was just read or written, so
+/// the lookup finds its page cached).
 fn insert_issued(
     conn: &Connection,
     c: &IssuedCert,
@@ -826,7 +845,9 @@ fn insert_issued(
 ) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "INSERT INTO issued (serial, token_id, spiffe_id, spki_sha256, issued_at_ms, \
-         not_after_ms, der, ca_gen, origin, node) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+         not_after_ms, der, ca_gen, origin, node, token_created_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, \
+         (SELECT created_at_ms FROM tokens WHERE token_id = ?2))",
     )?
     .execute(params![
         c.serial,
@@ -1539,6 +1560,16 @@ fn remember_nonce(conn: &Connection, nonce: &str, expires_at_ms: i64) -> Result<
     Ok(())
 }
 
+/// The certificates of token `?1` for key `?2`, through the retry index:
+/// the token's creation time leads it (schema 9).
+fn retry_lookup_sql() -> String {
+    format!(
+        "SELECT {ISSUED_COLUMNS}, rowid FROM issued WHERE token_created_ms = \
+         (SELECT created_at_ms FROM tokens WHERE token_id = ?1) \
+         AND token_id = ?1 AND spki_sha256 = ?2"
+    )
+}
+
 /// The newest certificate issued for `token_id` to `spki_sha256` that is
 /// still valid at `now_ms`. Shared by the read path and redemption step 3.
 fn valid_cert_for_key(
@@ -1551,10 +1582,7 @@ fn valid_cert_for_key(
     // the statement on every new bound value (a parse per redemption). The
     // index gives the few rows of this (token, key); the newest valid one
     // wins, ties broken by the later insert, as an `ORDER BY` would.
-    let sql = format!(
-        "SELECT {ISSUED_COLUMNS}, rowid FROM issued WHERE token_id = ?1 AND spki_sha256 = ?2"
-    );
-    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut stmt = conn.prepare_cached(&retry_lookup_sql())?;
     let mut rows = stmt.query(params![token_id, spki_sha256])?;
     let mut best: Option<(i64, i64, IssuedCert)> = None;
     while let Some(row) = rows.next()? {
@@ -2142,6 +2170,99 @@ mod tests {
             .unwrap();
         let err = SqliteStore::open(&path, SqliteOptions::default()).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+    }
+
+    /// Schema 9 keys the retry index by the token's creation time: a store
+    /// written at schema 8 migrates (existing certificates take their
+    /// token's time), a lost response is still answered with the same
+    /// certificate after the upgrade, renewals recorded against the token
+    /// are found too, and the lookup uses the new index, not a scan.
+    #[tokio::test]
+    async fn schema_9_moves_the_retry_index_and_retries_survive_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sigil.db");
+        let t = token("upgrade", 1, conformance::NOW);
+        let first = redemption("upgrade", "k1", "upgrade-n1", NOW);
+        {
+            let store = open_in(&dir, SqliteOptions::default());
+            store
+                .create_token(
+                    t.clone(),
+                    AuditRecord::new(NOW, AuditKind::TokenCreated, "ok"),
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                store.redeem_token(first.clone()).await.unwrap(),
+                RedeemOutcome::Issued
+            );
+            store.close().await;
+        }
+        // Back to a schema 8 file, as the previous release wrote it.
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "DROP INDEX issued_token_key;
+                 ALTER TABLE issued DROP COLUMN token_created_ms;
+                 CREATE INDEX issued_token_spki ON issued (token_id, spki_sha256);
+                 PRAGMA user_version = 8;",
+            )
+            .unwrap();
+        }
+        let store = open_in(&dir, SqliteOptions::default());
+        let later = NOW + 1000;
+        let retry = redemption("upgrade", "k1", "upgrade-n2", later);
+        let want = store
+            .fetch_issued(&first.cert.serial)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store.redeem_token(retry).await.unwrap(),
+            RedeemOutcome::Retried(want.clone())
+        );
+        assert_eq!(
+            store
+                .fetch_issued_for_token(&t.token_id, &first.cert.spki_sha256, later)
+                .await
+                .unwrap(),
+            Some(want)
+        );
+        // Another key is still refused: the token is used.
+        assert_eq!(
+            store
+                .redeem_token(redemption("upgrade", "k2", "upgrade-n3", later))
+                .await
+                .unwrap(),
+            RedeemOutcome::TokenAlreadyUsed
+        );
+        store.close().await;
+        drop(store);
+        let c = Connection::open(&path).unwrap();
+        let v: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, MIGRATIONS.len() as i64);
+        let created: Option<i64> = c
+            .query_row(
+                "SELECT token_created_ms FROM issued WHERE serial = ?1",
+                [&first.cert.serial],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(created, Some(t.created_at_ms));
+        let plan: Vec<String> = c
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", retry_lookup_sql()))
+            .unwrap()
+            .query_map(params!["x", "y"], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|p| p.contains("USING INDEX issued_token_key")),
+            "{plan:?}"
+        );
     }
 
     #[tokio::test]
