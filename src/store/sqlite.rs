@@ -2076,6 +2076,21 @@ mod tests {
         SqliteStore::open(&dir.path().join("sigil.db"), o).expect("open")
     }
 
+    /// Creates `t` and redeems it with `r`, which must issue.
+    async fn create_and_redeem(store: &SqliteStore, t: &TokenRecord, r: &Redemption) {
+        store
+            .create_token(
+                t.clone(),
+                AuditRecord::new(NOW, AuditKind::TokenCreated, "ok"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store.redeem_token(r.clone()).await.unwrap(),
+            RedeemOutcome::Issued
+        );
+    }
+
     fn record(i: u64) -> AuditRecord {
         AuditRecord::new(NOW, AuditKind::Denied, "test").field("i", i)
     }
@@ -2185,17 +2200,7 @@ mod tests {
         let first = redemption("upgrade", "k1", "upgrade-n1", NOW);
         {
             let store = open_in(&dir, SqliteOptions::default());
-            store
-                .create_token(
-                    t.clone(),
-                    AuditRecord::new(NOW, AuditKind::TokenCreated, "ok"),
-                )
-                .await
-                .unwrap();
-            assert_eq!(
-                store.redeem_token(first.clone()).await.unwrap(),
-                RedeemOutcome::Issued
-            );
+            create_and_redeem(&store, &t, &first).await;
             store.close().await;
         }
         // Back to a schema 8 file, as the previous release wrote it.
@@ -2272,17 +2277,7 @@ mod tests {
         let first = redemption("durable", "k1", "durable-n1", NOW);
         let before = {
             let store = open_in(&dir, SqliteOptions::default());
-            store
-                .create_token(
-                    t.clone(),
-                    AuditRecord::new(NOW, AuditKind::TokenCreated, "ok"),
-                )
-                .await
-                .unwrap();
-            assert_eq!(
-                store.redeem_token(first.clone()).await.unwrap(),
-                RedeemOutcome::Issued
-            );
+            create_and_redeem(&store, &t, &first).await;
             store.append_audit(record(1)).await.unwrap();
             let counts = store.counts().await.unwrap();
             store.close().await;
