@@ -14,7 +14,10 @@
 # (benchmarks: fsync and synchronous_commit on, as in production).
 #
 # Exports SIGIL_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:PORT/postgres
-# (and PGHOST/PGPORT/PGUSER, so psql works inside CMD), and
+# (and PGHOST/PGPORT/PGUSER, so psql works inside CMD);
+# SIGIL_TEST_POSTGRES_CA, the PEM CA of the server's TLS certificate (the
+# server accepts TLS and plaintext; the certificate names IP 127.0.0.1
+# only; made with openssl, unset without it); and
 # SIGIL_TEST_POSTGRES_PGCTL: a script that runs this cluster's pg_ctl as the
 # right user with -D set, e.g. `"$SIGIL_TEST_POSTGRES_PGCTL" restart -m fast -w`.
 # Exit status: CMD's, or 1 if the server could not be started.
@@ -101,6 +104,42 @@ run_pg "$bindir/initdb" -D "$data" -U postgres -A trust -E UTF8 --locale=C --no-
     exit 1
 }
 
+# TLS: a throwaway P-256 CA and a server certificate for IP 127.0.0.1 only
+# (so a test reaching the server as `localhost` sees a name mismatch).
+# Plaintext connections still work; TLS tests trust $SIGIL_TEST_POSTGRES_CA.
+ssl_opts=""
+if ! command -v openssl >/dev/null 2>&1 && [[ $EUID -eq 0 ]]; then
+    log "installing Debian's openssl package (TLS test certificates)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >&2 || true
+fi
+if command -v openssl >/dev/null 2>&1; then
+    ssl="$tmp/ssl"
+    mkdir "$ssl"
+    if (
+        cd "$ssl"
+        p256=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+        openssl req -x509 "${p256[@]}" -keyout ca.key -out ca.crt -days 2 \
+            -subj "/CN=sigil test PostgreSQL CA" \
+            -addext "basicConstraints=critical,CA:TRUE" \
+            -addext "keyUsage=critical,keyCertSign,cRLSign"
+        openssl req "${p256[@]}" -keyout server.key -out server.csr -subj "/CN=127.0.0.1"
+        printf '%s\n' "subjectAltName=IP:127.0.0.1" "basicConstraints=critical,CA:FALSE" \
+            "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" >server.ext
+        openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+            -out server.crt -days 2 -extfile server.ext
+        chmod 600 server.key ca.key
+    ) >"$tmp/openssl.log" 2>&1; then
+        [[ $EUID -eq 0 ]] && chown -R postgres: "$ssl"
+        ssl_opts="-c ssl=on -c ssl_cert_file=$ssl/server.crt -c ssl_key_file=$ssl/server.key"
+        export SIGIL_TEST_POSTGRES_CA="$ssl/ca.crt"
+    else
+        cat "$tmp/openssl.log" >&2
+        log "could not make TLS test certificates; TLS tests will be skipped"
+    fi
+else
+    log "no openssl: the server runs without TLS and TLS tests will be skipped"
+fi
+
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # Pick a free port; if another process takes it first, the start fails and
@@ -115,7 +154,7 @@ for _ in $(seq 1 20); do
     port_in_use "$port" && continue
     if run_pg "$bindir/pg_ctl" -D "$data" -l "$tmp/server.log" -w -t 60 -o "\
             -c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$tmp \
-            -c max_connections=300 $durability" start >/dev/null; then
+            -c max_connections=300 $durability $ssl_opts" start >/dev/null; then
         started=1
         break
     fi

@@ -55,6 +55,8 @@ pub struct FileConfig {
     pub rate_limits: Option<RateLimitsFile>,
     /// Key-encryption key file (PostgreSQL).
     pub kek_file: Option<PathBuf>,
+    /// CA certificate(s) of the PostgreSQL server (TLS to the store).
+    pub store_ca_file: Option<PathBuf>,
 }
 
 /// `[rate_limits]` in the config file. Rates are per second per peer.
@@ -286,6 +288,9 @@ pub struct Config {
     /// `postgres://…` for replicas on one PostgreSQL; `None` = embedded SQLite.
     /// Never logged (it may hold a password).
     pub store_url: Option<String>,
+    /// CA certificate(s) (PEM) of the PostgreSQL server: TLS, verified, to
+    /// the store; plaintext when `None`.
+    pub store_ca_file: Option<PathBuf>,
     /// Key-encryption key file (base64 of 32 bytes, 0600); required with PostgreSQL.
     pub kek_file: Option<PathBuf>,
     /// Key-encryption key from `SIGIL_KEK` (base64).
@@ -337,6 +342,7 @@ impl Config {
             metrics_listen: None,
             handshake_timeout: std::time::Duration::from_secs(10),
             store_url: None,
+            store_ca_file: None,
             kek_file: None,
             kek_env: None,
         }

@@ -14,7 +14,7 @@
 //! | [`core`] | the rules: enroll, tokens, audit — no gRPC, SQL or rustls |
 //! | [`token`] | token minting and the signed enrollment payload (constant-time HMAC) |
 //! | [`ca`] | X.509 and JWT signing, CSR checks, the trust bundle |
-//! | [`store`] | durable one-use state behind one trait; SQLite backend |
+//! | [`store`] | durable one-use state behind one trait; SQLite and PostgreSQL backends (TLS to PostgreSQL in `store::postgres::tls`) |
 //! | [`audit`] | audit event shape and the hash chain |
 //! | [`attest`] | attestation verifiers (Nitro, OIDC) behind one trait |
 //! | [`policy`] | plans: parse, validate, canonicalise, hash |

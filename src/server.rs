@@ -217,13 +217,19 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
                 })?;
             let pg = crate::store::postgres::PostgresStore::connect(
                 url,
-                crate::store::postgres::PostgresOptions::default(),
+                crate::store::postgres::PostgresOptions {
+                    server_ca: cfg.store_ca_file.clone(),
+                    ..crate::store::postgres::PostgresOptions::default()
+                },
             )
             .await
             .map_err(|e| anyhow::anyhow!("open PostgreSQL store: {e}"))?;
             (Arc::new(pg), Some(Arc::new(kek)))
         }
         Some(_) => bail!("--store must be a postgres:// URL (or empty for the embedded SQLite)"),
+        None if cfg.store_ca_file.is_some() => {
+            bail!("--store-ca-file is for a postgres:// store; the embedded SQLite needs none")
+        }
         None => (
             Arc::new(
                 SqliteStore::open(

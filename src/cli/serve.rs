@@ -56,6 +56,11 @@ pub struct ServeArgs {
     /// PostgreSQL [default: embedded SQLite in the data dir].
     #[arg(long, env = "SIGIL_STORE", hide_env_values = true)]
     pub store: Option<String>,
+    /// PEM file of the CA(s) that sign the PostgreSQL server's certificate:
+    /// the store connection is then TLS, verified like libpq's
+    /// sslmode=verify-full (chain and host name) [default: plaintext].
+    #[arg(long, env = "SIGIL_STORE_CA_FILE")]
+    pub store_ca_file: Option<PathBuf>,
     /// Key-encryption key file (base64 of 32 bytes, 0600) sealing shared key
     /// material in PostgreSQL; or SIGIL_KEK.
     #[arg(long, env = "SIGIL_KEK_FILE")]
@@ -149,6 +154,7 @@ impl ServeArgs {
         cfg.rates.disabled |= self.no_rate_limits;
         cfg.store_url = self.store.filter(|s| !s.is_empty() && s != "sqlite");
         cfg.kek_file = self.kek_file.or(file.kek_file.clone());
+        cfg.store_ca_file = self.store_ca_file.or(file.store_ca_file.clone());
         cfg.kek_env = std::env::var("SIGIL_KEK").ok();
         let proxies = if self.trusted_proxies.is_empty() {
             file.trusted_proxies.clone().unwrap_or_default()

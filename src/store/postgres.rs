@@ -72,8 +72,11 @@
 //! hold a password); errors carry PostgreSQL's message and SQLSTATE, which
 //! name constraints, never row values (the DETAIL line is left out).
 //!
-//! TLS is not offered yet: use a loopback or otherwise trusted network
-//! (`sslmode=disable` or the default `prefer`).
+//! # TLS
+//! With [`PostgresOptions::server_ca`] every connection is TLS, verified
+//! like libpq's `sslmode=verify-full`; without it, plaintext (a loopback or
+//! otherwise trusted network). The [`tls`] submodule decides and connects;
+//! it is the only other file that names `tokio_postgres`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -87,7 +90,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore, SemaphorePermit};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_postgres::types::{FromSql, ToSql};
-use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Statement};
+use tokio_postgres::{AsyncMessage, Client, Config, Row, Statement};
 
 use super::{
     ApproveOutcome, AttestGuard, AttestOutcome, AttestRedemption, BootstrapInstall,
@@ -96,6 +99,9 @@ use super::{
     RevocationRecord, RevokeOutcome, Store, StoreCounts, StoreError, StoreEvent, TokenRecord,
 };
 use crate::audit::{self, AuditRecord, AuditRow, GENESIS_HASH};
+
+mod tls;
+use tls::PgTls;
 
 /// Schema migrations; `MIGRATIONS[i]` takes the schema from version `i` to
 /// `i + 1`. The same logical steps as the SQLite backend's V1..V7. Append
@@ -327,6 +333,10 @@ pub struct PostgresOptions {
     /// (at least 1 s), waiting for a pooled connection (2×), one whole
     /// operation (2× + 1 s).
     pub statement_timeout: Duration,
+    /// PEM file of the CA(s) that sign the server's certificate. Set, every
+    /// connection is TLS and verified as libpq's `sslmode=verify-full`
+    /// (chain and host name); unset, plaintext. See [`tls`].
+    pub server_ca: Option<std::path::PathBuf>,
 }
 
 impl Default for PostgresOptions {
@@ -334,6 +344,7 @@ impl Default for PostgresOptions {
         Self {
             pool_size: 16,
             statement_timeout: Duration::from_secs(5),
+            server_ca: None,
         }
     }
 }
@@ -524,11 +535,8 @@ struct PgConn {
 
 impl PgConn {
     /// Connects, spawns the task that drives the socket, applies `setup`.
-    async fn open(config: &Config, setup: &str, t: Timeouts) -> Result<Self, StoreError> {
-        let (client, connection) = timeout(t.connect, config.connect(NoTls))
-            .await
-            .map_err(|_| timed_out("connecting to PostgreSQL"))?
-            .map_err(|e| store_error(&e))?;
+    async fn open(target: &Target, setup: &str, t: Timeouts) -> Result<Self, StoreError> {
+        let (client, connection) = target.connect(t, "connecting to PostgreSQL").await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %describe(&e), "store connection ended");
@@ -616,9 +624,29 @@ impl PgConn {
     }
 }
 
+/// Where a store connects: the parsed URL and how to secure it.
+#[derive(Clone)]
+struct Target {
+    config: Config,
+    tls: PgTls,
+}
+
+type PgConnection =
+    tokio_postgres::Connection<tokio_postgres::Socket, tls::PgTlsStream<tokio_postgres::Socket>>;
+
+impl Target {
+    /// One new session (TLS first, when configured), within `t.connect`.
+    async fn connect(&self, t: Timeouts, what: &str) -> Result<(Client, PgConnection), StoreError> {
+        timeout(t.connect, self.config.connect(self.tls.clone()))
+            .await
+            .map_err(|_| timed_out(what))?
+            .map_err(|e| store_error(&e))
+    }
+}
+
 /// At most `size` connections, opened on demand and kept while healthy.
 struct Pool {
-    config: Config,
+    target: Target,
     setup: String,
     t: Timeouts,
     size: u32,
@@ -651,10 +679,10 @@ impl Lease<'_> {
 }
 
 impl Pool {
-    fn new(config: Config, size: usize, t: Timeouts) -> Self {
+    fn new(target: Target, size: usize, t: Timeouts) -> Self {
         let size = size.clamp(1, MAX_POOL);
         Self {
-            config,
+            target,
             setup: t.session_setup(),
             t,
             size: u32::try_from(size).unwrap_or(1),
@@ -665,7 +693,7 @@ impl Pool {
     }
 
     async fn open(&self) -> Result<PgConn, StoreError> {
-        PgConn::open(&self.config, &self.setup, self.t).await
+        PgConn::open(&self.target, &self.setup, self.t).await
     }
 
     async fn get(&self) -> Result<Lease<'_>, StoreError> {
@@ -760,15 +788,28 @@ impl PostgresStore {
     /// or the database cannot be reached, `Corrupt` if its schema is newer
     /// than this build.
     pub async fn connect(url: &str, opts: PostgresOptions) -> Result<Self, StoreError> {
-        let config: Config = url.parse().map_err(|_| {
-            StoreError::Unavailable(
-                "invalid PostgreSQL connection string (not shown: it may hold a password)".into(),
-            )
-        })?;
-        Self::connect_config(config, opts).await
+        let (config, asked_tls) = tls::parse_url(url)?;
+        Self::connect_parsed(config, asked_tls, opts).await
     }
 
-    async fn connect_config(mut config: Config, opts: PostgresOptions) -> Result<Self, StoreError> {
+    #[cfg(test)]
+    async fn connect_config(config: Config, opts: PostgresOptions) -> Result<Self, StoreError> {
+        let asked_tls = config.get_ssl_mode() == tokio_postgres::config::SslMode::Require;
+        Self::connect_parsed(config, asked_tls, opts).await
+    }
+
+    async fn connect_parsed(
+        mut config: Config,
+        asked_tls: bool,
+        opts: PostgresOptions,
+    ) -> Result<Self, StoreError> {
+        let tls = tls::resolve(&mut config, asked_tls, opts.server_ca.as_deref())?;
+        if !tls.encrypted() && !tls::local_only(&config) {
+            tracing::warn!(
+                "the PostgreSQL store is reached without TLS over the network: \
+                 set --store-ca-file to encrypt and verify the connection"
+            );
+        }
         let t = Timeouts::new(opts.statement_timeout);
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(t.connect);
@@ -778,7 +819,15 @@ impl PostgresStore {
             config.application_name("sigil");
             listen_config.application_name("sigil-listener");
         }
-        let pool = Arc::new(Pool::new(config, opts.pool_size, t));
+        let target = Target {
+            config,
+            tls: tls.clone(),
+        };
+        let listen_target = Target {
+            config: listen_config,
+            tls,
+        };
+        let pool = Arc::new(Pool::new(target, opts.pool_size, t));
         {
             let mut lease = pool.get().await?;
             timeout(
@@ -790,7 +839,7 @@ impl PostgresStore {
             lease.keep();
         }
         let (events, _) = broadcast::channel(64);
-        let first = ListenSession::open(&listen_config, t).await?;
+        let first = ListenSession::open(&listen_target, t).await?;
         let (stop, stop_rx) = watch::channel(false);
         let (jobs, queue) = mpsc::channel(QUEUE);
         let stats = Arc::new(BatchStats::default());
@@ -801,7 +850,7 @@ impl PostgresStore {
             Arc::clone(&stats),
         ));
         let listener = tokio::spawn(run_listener(
-            listen_config,
+            listen_target,
             first,
             events.clone(),
             stop_rx,
@@ -2012,11 +2061,8 @@ struct ListenSession {
 }
 
 impl ListenSession {
-    async fn open(config: &Config, t: Timeouts) -> Result<Self, StoreError> {
-        let (client, mut connection) = timeout(t.connect, config.connect(NoTls))
-            .await
-            .map_err(|_| timed_out("connecting the change listener"))?
-            .map_err(|e| store_error(&e))?;
+    async fn open(target: &Target, t: Timeouts) -> Result<Self, StoreError> {
+        let (client, mut connection) = target.connect(t, "connecting the change listener").await?;
         // Unbounded: notifications are rare, and a bounded queue could stop
         // the driver while the listener waits for a ping answer it must read.
         let (tx, notes) = mpsc::unbounded_channel();
@@ -2103,7 +2149,7 @@ async fn serve_session(
 /// The listener task: serves the session, and after losing it reconnects
 /// with exponential backoff until it is stopped.
 async fn run_listener(
-    config: Config,
+    target: Target,
     first: ListenSession,
     events: broadcast::Sender<StoreEvent>,
     mut stop: watch::Receiver<bool>,
@@ -2128,7 +2174,7 @@ async fn run_listener(
             () = stop_requested(&mut stop) => return,
             () = tokio::time::sleep(backoff) => {}
         }
-        match ListenSession::open(&config, t).await {
+        match ListenSession::open(&target, t).await {
             Ok(s) => {
                 tracing::warn!("store change listener reconnected");
                 // Changes committed while disconnected were not delivered:
@@ -2159,6 +2205,8 @@ mod tests {
     //! Every test gets a database of its own, dropped when it passes.
 
     use std::sync::Arc;
+
+    use tokio_postgres::NoTls;
 
     use super::*;
     use crate::audit::AuditKind;
@@ -2995,6 +3043,7 @@ mod tests {
         let opts = PostgresOptions {
             pool_size: 1,
             statement_timeout: Duration::from_secs(2),
+            server_ca: None,
         };
         for url in [
             format!("postgres://sigil:{secret}@127.0.0.1:1/sigil"),
@@ -3037,5 +3086,226 @@ mod tests {
         assert_eq!(event_of("plan"), Some(StoreEvent::Plan));
         assert_eq!(event_of("keys"), Some(StoreEvent::Keys));
         assert_eq!(event_of("other"), None);
+    }
+
+    // === TLS to the server (`--store-ca-file`) ===
+
+    /// The test server's CA (`scripts/with-postgres.sh` makes one with
+    /// openssl); `None` (skipped, or a failure in CI) without it.
+    fn test_ca() -> Option<std::path::PathBuf> {
+        if let Ok(ca) = std::env::var("SIGIL_TEST_POSTGRES_CA") {
+            return Some(ca.into());
+        }
+        assert!(
+            std::env::var(URL_VAR).is_err() || std::env::var("CI").as_deref() != Ok("true"),
+            "SIGIL_TEST_POSTGRES_CA is unset in CI: scripts/with-postgres.sh needs openssl"
+        );
+        eprintln!("SKIPPED: TLS store tests (no SIGIL_TEST_POSTGRES_CA)");
+        None
+    }
+
+    /// `postgres://USER@HOST:PORT/DB?…` for the test database, reached as `host`.
+    fn tls_url(db: &TestDb, host: &str, query: &str) -> String {
+        let port = db.config.get_ports().first().copied().unwrap_or(5432);
+        let user = db.config.get_user().unwrap_or("postgres");
+        format!("postgres://{user}@{host}:{port}/{}?{query}", db.name)
+    }
+
+    fn tls_opts(ca: &std::path::Path) -> PostgresOptions {
+        PostgresOptions {
+            pool_size: 2,
+            statement_timeout: Duration::from_secs(5),
+            server_ca: Some(ca.to_owned()),
+        }
+    }
+
+    /// (TLS, plaintext) sessions the server holds on the test database.
+    async fn sessions_by_tls(db: &TestDb) -> (i64, i64) {
+        let row = db
+            .admin
+            .query_one(
+                "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
+                 FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.datname = $1",
+                &[&db.name],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    }
+
+    /// Tables in the test database's public schema (0: nothing was migrated).
+    async fn table_count(db: &TestDb) -> i64 {
+        let c = db.client().await;
+        c.query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    }
+
+    /// A store with a CA file (libpq's `sslmode=verify-full` in the URL,
+    /// accepted as such) works, and every session it holds, the pool's and
+    /// the change listener's, is TLS on the server's side.
+    #[tokio::test]
+    async fn a_store_with_a_ca_file_encrypts_every_session() {
+        let Some(db) = TestDb::create().await else {
+            return;
+        };
+        let Some(ca) = test_ca() else { return };
+        let url = tls_url(&db, "127.0.0.1", "sslmode=verify-full");
+        let store = PostgresStore::connect(&url, tls_opts(&ca)).await.unwrap();
+        let t = token("tls", 1, 3_600_000);
+        store.create_token(t.clone(), record(1)).await.unwrap();
+        assert_eq!(store.fetch_token(&t.token_id).await.unwrap(), Some(t));
+        let (tls, plain) = sessions_by_tls(&db).await;
+        assert!(tls >= 2, "pool and listener sessions over TLS: {tls}");
+        assert_eq!(plain, 0, "no plaintext session of the store");
+        store.close().await;
+        db.drop_db().await;
+    }
+
+    /// A server whose certificate another CA signed is refused: the store
+    /// does not open, nothing is written, and the error names the
+    /// certificate problem, not the URL.
+    #[tokio::test]
+    async fn a_server_certificate_of_another_ca_is_refused() {
+        let Some(db) = TestDb::create().await else {
+            return;
+        };
+        let Some(_) = test_ca() else { return };
+        let other = rcgen::generate_simple_self_signed(vec!["other-ca".to_owned()]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let other_ca = dir.path().join("other.crt");
+        std::fs::write(&other_ca, other.cert.pem()).unwrap();
+        let url = tls_url(&db, "127.0.0.1", "password=s3cret-Pa55word");
+        let err = PostgresStore::connect(&url, tls_opts(&other_ca))
+            .await
+            .unwrap_err();
+        let shown = format!("{err} {err:?}");
+        assert!(matches!(err, StoreError::Unavailable(_)), "{shown}");
+        assert!(shown.contains("UnknownIssuer"), "{shown}");
+        assert!(!shown.contains("s3cret-Pa55word"), "{shown}");
+        assert_eq!(table_count(&db).await, 0, "no schema was created");
+        db.drop_db().await;
+    }
+
+    /// The server's certificate names IP 127.0.0.1 only: reached as
+    /// `localhost` (the same socket), the store refuses it.
+    #[tokio::test]
+    async fn a_host_the_certificate_does_not_name_is_refused() {
+        let Some(db) = TestDb::create().await else {
+            return;
+        };
+        let Some(ca) = test_ca() else { return };
+        let url = tls_url(&db, "localhost", "");
+        let err = PostgresStore::connect(&url, tls_opts(&ca))
+            .await
+            .unwrap_err();
+        let shown = err.to_string();
+        assert!(shown.contains("not valid for name"), "{shown}");
+        assert_eq!(table_count(&db).await, 0, "no schema was created");
+        db.drop_db().await;
+    }
+
+    /// With a password login over TLS, SCRAM is bound to the session
+    /// (`channel_binding=require` fails unless the connector hands over
+    /// the server certificate's hash and the server agrees with it). The
+    /// role and its `hostssl … scram-sha-256` rule are this test's own.
+    #[tokio::test]
+    async fn a_password_login_is_bound_to_the_tls_session() {
+        let Some(db) = TestDb::create().await else {
+            return;
+        };
+        let Some(ca) = test_ca() else { return };
+        let role = format!("{}_scram", db.name);
+        let password = format!("pw-{:016x}", rand::random::<u64>());
+        db.admin
+            .batch_execute(&format!(
+                "SET password_encryption = 'scram-sha-256'; \
+                 CREATE ROLE {role} LOGIN PASSWORD '{password}'; \
+                 GRANT ALL ON DATABASE {} TO {role}; \
+                 ALTER DATABASE {} OWNER TO {role}",
+                db.name, db.name
+            ))
+            .await
+            .unwrap();
+        let hba: String = db
+            .admin
+            .query_one("SHOW hba_file", &[])
+            .await
+            .unwrap()
+            .get(0);
+        // Rules are matched in order: this one, first, applies to the role
+        // alone; every other login keeps the cluster's rules.
+        let rules = std::fs::read_to_string(&hba).unwrap();
+        let rule = format!("hostssl all {role} 127.0.0.1/32 scram-sha-256\n");
+        std::fs::write(&hba, format!("{rule}{rules}")).unwrap();
+        db.admin
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .unwrap();
+        let port = db.config.get_ports().first().copied().unwrap_or(5432);
+        let url = format!(
+            "postgres://{role}:{password}@127.0.0.1:{port}/{}?channel_binding=require",
+            db.name
+        );
+        let mut opened = None;
+        for _ in 0..50 {
+            // The postmaster reloads its rules asynchronously.
+            match PostgresStore::connect(&url, tls_opts(&ca)).await {
+                Ok(s) => {
+                    opened = Some(s);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let method: Option<String> = db
+            .admin
+            .query_opt(
+                "SELECT auth_method FROM pg_hba_file_rules WHERE $1 = ANY(user_name)",
+                &[&role],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get(0));
+        let current = std::fs::read_to_string(&hba).unwrap();
+        std::fs::write(&hba, current.replacen(&rule, "", 1)).unwrap();
+        db.admin
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .unwrap();
+        assert_eq!(method.as_deref(), Some("scram-sha-256"));
+        let store = opened.expect("a SCRAM login with channel_binding=require over TLS");
+        store.close().await;
+        // Without TLS there is nothing to bind to: the same URL is refused
+        // (here the cluster's own rules would even let the role in
+        // without a password, which `channel_binding=require` forbids).
+        let plain = PostgresStore::connect(&url, PostgresOptions::default()).await;
+        assert!(
+            plain.is_err(),
+            "channel_binding=require without TLS must fail"
+        );
+        db.admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {} OWNER TO CURRENT_USER; DROP OWNED BY {role}",
+                db.name
+            ))
+            .await
+            .unwrap();
+        db.drop_db().await;
+        db_role_drop(&role).await;
+    }
+
+    /// Drops a role created by a test (after its database is gone).
+    async fn db_role_drop(role: &str) {
+        let url = std::env::var(URL_VAR).unwrap();
+        let admin = connect_client(&url.parse().unwrap()).await;
+        admin
+            .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
+            .await
+            .unwrap();
     }
 }

@@ -626,3 +626,61 @@ fn sigterm_exits_despite_an_idle_connection() {
     assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
     drop(idle);
 }
+
+/// TLS settings for the store that cannot be honoured stop `sigil serve`
+/// before it opens any store: a CA file for the embedded SQLite (by flag or
+/// by the config file's `store_ca_file`), and a URL asking for TLS
+/// (libpq's `sslmode=verify-full`) without one. The password stays out of
+/// the message. (TLS that works: `replicas::serve_reaches_postgres_only_over_verified_tls`.)
+#[test]
+fn serve_refuses_store_tls_settings_it_cannot_honour() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.crt");
+    std::fs::write(&ca, "unused").unwrap();
+    let conf = dir.path().join("sigil.toml");
+    std::fs::write(
+        &conf,
+        format!("store_ca_file = {:?}\n", ca.to_str().unwrap()),
+    )
+    .unwrap();
+    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    let (a, b, c) = (d("a"), d("b"), d("c"));
+    let cases: [(Vec<&str>, &str); 3] = [
+        (
+            vec!["--data-dir", &a, "--store-ca-file", ca.to_str().unwrap()],
+            "--store-ca-file is for a postgres:// store",
+        ),
+        (
+            vec!["--data-dir", &b, "--config", conf.to_str().unwrap()],
+            "--store-ca-file is for a postgres:// store",
+        ),
+        (
+            vec![
+                "--data-dir",
+                &c,
+                "--store",
+                "postgres://sigil:s3cret-Pa55word@db.invalid/sigil?sslmode=verify-full",
+            ],
+            "no CA file is given",
+        ),
+    ];
+    for (flags, want) in cases {
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
+        args.extend(flags);
+        let o = Command::new(env!("CARGO_BIN_EXE_sigil"))
+            .args(&args)
+            .env("SIGIL_KEK", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
+            .output()
+            .unwrap();
+        let all = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {all}");
+        assert!(all.contains(want), "{args:?}: {all}");
+        assert!(!all.contains("s3cret-Pa55word"), "{all}");
+    }
+    for data in [a, b] {
+        assert!(
+            !Path::new(&data).join("sigil.db").exists(),
+            "no store was opened in {data}"
+        );
+    }
+}

@@ -540,6 +540,16 @@ impl ServeProcs {
     /// rolling start): replicas booting together on an empty database were
     /// seen serving different CAs, a separate problem from this test's.
     async fn start(dir: &std::path::Path, url: &str, n: usize) -> (Self, Vec<String>) {
+        Self::start_with(dir, url, n, &[]).await
+    }
+
+    /// [`ServeProcs::start`] with more `sigil serve` flags.
+    async fn start_with(
+        dir: &std::path::Path,
+        url: &str,
+        n: usize,
+        flags: &[&str],
+    ) -> (Self, Vec<String>) {
         let mut s = Self {
             procs: Vec::new(),
             logs: Vec::new(),
@@ -551,6 +561,7 @@ impl ServeProcs {
             let child = std::process::Command::new(env!("CARGO_BIN_EXE_sigil"))
                 .args(["serve", "--data-dir", data.to_str().unwrap()])
                 .args(["--listen", "127.0.0.1:0", "--store", url])
+                .args(flags)
                 .env("SIGIL_KEK", KEK)
                 .env("SIGIL_LOG", "warn")
                 .env("NO_COLOR", "1")
@@ -1102,4 +1113,100 @@ async fn ca_pin(admin: &mut pb::admin_client::AdminClient<tonic::transport::Chan
         .unwrap()
         .into_inner()
         .ca_pin
+}
+
+/// TLS to PostgreSQL through the real binary: `sigil serve` with
+/// `--store-ca-file` and a libpq-style `sslmode=verify-full` URL enrolls a
+/// workload, and every session it holds on the database is TLS. Given
+/// another CA, it refuses to start and says why, without the URL's password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reaches_postgres_only_over_verified_tls() {
+    let Some(url) = fresh_db().await else { return };
+    let Ok(ca) = std::env::var("SIGIL_TEST_POSTGRES_CA") else {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "SIGIL_TEST_POSTGRES_CA is unset in CI: scripts/with-postgres.sh needs openssl"
+        );
+        eprintln!("SKIPPED: TLS to PostgreSQL (no SIGIL_TEST_POSTGRES_CA)");
+        return;
+    };
+    let db = url.rsplit_once('/').unwrap().1.to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let tls_url = format!("{url}?sslmode=verify-full");
+    let (procs, addrs) =
+        ServeProcs::start_with(dir.path(), &tls_url, 1, &["--store-ca-file", &ca]).await;
+    let mut admin = pb::admin_client::AdminClient::new(
+        sigil::cli::connect_admin(dir.path().join("r0/admin.sock"))
+            .await
+            .unwrap(),
+    );
+    let pin = ca_pin(&mut admin).await;
+    let t = admin
+        .create_enrollment_token(pb::CreateEnrollmentTokenRequest {
+            spiffe_id: ID.into(),
+            ttl_seconds: 0,
+            max_uses: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let token = sigil::token::parse_token(&t.token).unwrap();
+    let client = pb::identity_client::IdentityClient::new(
+        sigil::cli::connect_tls(
+            &format!("https://{}", addrs[0]),
+            sigil::cli::tls_config(&sigil::cli::Trust::from_pin(&pin).unwrap()).unwrap(),
+        )
+        .await
+        .unwrap(),
+    );
+    let (key, _) = key_and_csr();
+    let outcome = enroll_once(&client, &token, &key, &[]).await;
+    assert!(matches!(outcome, Outcome::Enrolled { .. }), "{outcome:?}");
+
+    let server_url = std::env::var("SIGIL_TEST_POSTGRES_URL").unwrap();
+    let (pg, conn) = tokio_postgres::connect(&server_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let row = pg
+        .query_one(
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
+             FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.datname = $1",
+            &[&db],
+        )
+        .await
+        .unwrap();
+    let (tls, plain): (i64, i64) = (row.get(0), row.get(1));
+    assert!(
+        tls >= 2,
+        "the pool's and the listener's sessions over TLS: {tls}"
+    );
+    assert_eq!(plain, 0, "no plaintext session");
+    drop(procs);
+
+    // Another CA: no start, a reason, no password.
+    let other = rcgen::generate_simple_self_signed(vec!["other-ca".to_owned()]).unwrap();
+    let other_ca = dir.path().join("other-ca.crt");
+    std::fs::write(&other_ca, other.cert.pem()).unwrap();
+    let out = tokio::task::spawn_blocking({
+        let url = format!("{url}?sslmode=verify-full&password=s3cret-Pa55word");
+        let data = dir.path().join("other");
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_sigil"))
+                .args(["serve", "--data-dir", data.to_str().unwrap()])
+                .args(["--listen", "127.0.0.1:0", "--store", &url])
+                .args(["--store-ca-file", other_ca.to_str().unwrap()])
+                .env("SIGIL_KEK", KEK)
+                .env("NO_COLOR", "1")
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with another CA: {stderr}");
+    assert!(stderr.contains("UnknownIssuer"), "{stderr}");
+    assert!(!stderr.contains("s3cret-Pa55word"), "{stderr}");
 }
