@@ -126,13 +126,32 @@ rm -rf "$BIG"
 if [[ "${BENCH_PG:-1}" == 1 ]]; then
   # fsync and synchronous_commit on, like the fsynced SQLite runs (the test
   # cluster's default is fsync off). A fresh database per replica count.
-  log "ha-postgres: 1 vs 3 replicas on one PostgreSQL (fsync on), 64 clients, no JWT"
+  # Then 3 replicas again with their sessions over verified TLS
+  # (--store-ca-file; the throwaway server's CA), on the same server.
+  log "ha-postgres: 1 vs 3 replicas on one PostgreSQL (fsync on), then 3 over TLS; 64 clients, no JWT"
   rc=0
-  SIGIL_PG_DURABLE=1 scripts/with-postgres.sh "$B" ha-postgres -c 64 -d "$DUR" --replicas 1,3 \
-      --json --plot "$R/ha-pg-c64.svg" > "$R/ha-pg-c64.json" || rc=$?
-  if [[ $rc -ne 0 && $rc -ne 3 ]]; then
-    echo "ha-postgres failed (exit $rc); the report will say not measured" >&2
-    rm -f "$R/ha-pg-c64.json"
+  SIGIL_PG_DURABLE=1 B="$B" DUR="$DUR" R="$R" scripts/with-postgres.sh bash -c '
+    rc=0
+    "$B" ha-postgres -c 64 -d "$DUR" --replicas 1,3 \
+        --json --plot "$R/ha-pg-c64.svg" > "$R/ha-pg-c64.json" || rc=$?
+    if [[ $rc -ne 0 && $rc -ne 3 ]]; then
+      echo "ha-postgres failed (exit $rc); the report will say not measured" >&2
+      rm -f "$R/ha-pg-c64.json"
+    fi
+    if [[ -n "${SIGIL_TEST_POSTGRES_CA:-}" ]]; then
+      rc=0
+      "$B" ha-postgres -c 64 -d "$DUR" --replicas 3 --store-ca-file "$SIGIL_TEST_POSTGRES_CA" \
+          --json --plot "$R/ha-pg-tls-c64.svg" > "$R/ha-pg-tls-c64.json" || rc=$?
+      if [[ $rc -ne 0 && $rc -ne 3 ]]; then
+        echo "ha-postgres over TLS failed (exit $rc); not reported" >&2
+        rm -f "$R/ha-pg-tls-c64.json"
+      fi
+    else
+      echo "no SIGIL_TEST_POSTGRES_CA (openssl missing?): ha-postgres over TLS skipped" >&2
+    fi
+  ' || rc=$?
+  if [[ $rc -ne 0 ]]; then
+    echo "with-postgres.sh failed (exit $rc)" >&2
   fi
 else
   echo "skipping ha-postgres (BENCH_PG=0)" >&2

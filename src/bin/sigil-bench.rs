@@ -271,6 +271,11 @@ pub struct HaArgs {
     /// Replica counts, run one after the other.
     #[arg(long, value_name = "N,N", value_delimiter = ',', default_value = "1,3")]
     pub replicas: Vec<usize>,
+    /// The PostgreSQL server's CA (PEM): the replicas reach the database
+    /// over TLS verified against it, as `sigil serve --store-ca-file` does
+    /// (the run databases are still created over the plain admin session).
+    #[arg(long, value_name = "FILE")]
+    pub store_ca_file: Option<PathBuf>,
     #[command(flatten)]
     pub load: LoadArgs,
 }

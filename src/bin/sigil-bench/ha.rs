@@ -205,7 +205,7 @@ pub fn run(h: &HaArgs) -> anyhow::Result<i32> {
         let db = format!("sigil_bench_{n}r_{}", hex::encode(r));
         client_rt.block_on(server.create(&db))?;
         let result = run_replicas(
-            a,
+            h,
             n,
             &with_database(&url, &db)?,
             &server,
@@ -218,6 +218,7 @@ pub fn run(h: &HaArgs) -> anyhow::Result<i32> {
         json["scenario"] = "ha-postgres".into();
         json["replicas"] = n.into();
         json["store"] = server.facts.clone();
+        json["store_tls"] = h.store_ca_file.is_some().into();
         failed += errors;
         runs.push(json);
         // Let the dropped database's files and the replicas' threads go quiet.
@@ -232,14 +233,21 @@ pub fn run(h: &HaArgs) -> anyhow::Result<i32> {
             "jwt": a.jwt,
             "label": a.label,
             "store": server.facts,
+            "store_tls": h.store_ca_file.is_some(),
             "cores": cores,
             "runs": runs,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
-            "\nha-postgres, {} clients, {}:",
-            a.concurrency, server.label
+            "\nha-postgres, {} clients, {}{}:",
+            a.concurrency,
+            server.label,
+            if h.store_ca_file.is_some() {
+                ", replicas over TLS"
+            } else {
+                ""
+            }
         );
         for r in &runs {
             let f = |p: &[&str]| {
@@ -273,7 +281,7 @@ pub fn run(h: &HaArgs) -> anyhow::Result<i32> {
 
 /// One run: `n` replicas on the database at `url`, then the load.
 fn run_replicas(
-    a: &crate::LoadArgs,
+    h: &HaArgs,
     n: usize,
     url: &str,
     server: &Server,
@@ -281,6 +289,7 @@ fn run_replicas(
     cores: usize,
     client_rt: &tokio::runtime::Runtime,
 ) -> anyhow::Result<(serde_json::Value, u64)> {
+    let a = &h.load;
     // A key-encryption key for this run's database only.
     let mut kek = [0u8; 32];
     rand::fill(&mut kek[..]);
@@ -295,6 +304,7 @@ fn run_replicas(
         let opts = BrokerOpts {
             store_url: Some(url.to_owned()),
             kek_env: Some(kek.clone()),
+            store_ca_file: h.store_ca_file.clone(),
             thread_name: Some(format!("sigil-broker-{k}")),
             ..BrokerOpts::default()
         };

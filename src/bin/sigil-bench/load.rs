@@ -244,6 +244,8 @@ pub struct BrokerOpts {
     pub store_url: Option<String>,
     /// Key-encryption key (base64), required with PostgreSQL.
     pub kek_env: Option<String>,
+    /// The PostgreSQL server's CA: TLS to the store (`--store-ca-file`).
+    pub store_ca_file: Option<std::path::PathBuf>,
     /// Runtime thread name [default: `sigil-broker`]; must start with `sigil-broker`.
     pub thread_name: Option<String>,
 }
@@ -456,6 +458,7 @@ pub fn start_in_process(
     }
     cfg.store_url = opts.store_url.clone();
     cfg.kek_env = opts.kek_env.clone();
+    cfg.store_ca_file = opts.store_ca_file.clone();
     let running = rt
         .block_on(sigil::server::start(cfg, Arc::new(SystemClock)))
         .context("start the in-process broker")?;

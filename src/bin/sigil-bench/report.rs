@@ -7,7 +7,7 @@
 //! `floor.json`, `tok-{off,on}-c{1,8,64,256}.json`, `fresh-c{…}.json`,
 //! `renew-c{…}.json`, `fetchjwt-c{…}.json`, `nitro-c{8,64}.json`,
 //! `oidc-c{8,64}.json`, `ha-pg-c<N>.json` (one file, every replica count),
-//! `half-{off,on}.json`, `store-fill.json`,
+//! `ha-pg-tls-c<N>.json` (the same over TLS), `half-{off,on}.json`, `store-fill.json`,
 //! `store-{empty,prefill}-{1,2}.json` (or `store-{empty,prefill}.json`),
 //! `ext-c64.json`, `ext-c256.json`, `startup.json`, `cfssl.txt`,
 //! `meta.json`, and criterion's `target/criterion/**/new/estimates.json`.
@@ -416,6 +416,16 @@ fn ha_section(s: &mut String, r: &Results) {
             let n = num(run, &["replicas"]).map_or("?".into(), |n| format!("{n:.0}"));
             row(s, "PostgreSQL", n, *c, run);
         }
+        // The same load with the replicas' database sessions over TLS.
+        for run in r
+            .json(&format!("ha-pg-tls-c{c}.json"))
+            .and_then(|v| v.get("runs").and_then(Value::as_array).cloned())
+            .into_iter()
+            .flatten()
+        {
+            let n = num(&run, &["replicas"]).map_or("?".into(), |n| format!("{n:.0}"));
+            row(s, "PostgreSQL over TLS ²", n, *c, &run);
+        }
         if let Some(v) = r.json(&format!("tok-off-c{c}.json")) {
             row(s, "embedded SQLite ¹", "1".into(), *c, &v);
         }
@@ -423,8 +433,20 @@ fn ha_section(s: &mut String, r: &Results) {
     s.push_str(
         "\n¹ The enroll-token run at the same client count above, for reference: SQLite runs inside the \
          broker, so its \"database\" figures are the broker's store writer thread and are also counted in \
-         the broker columns. For PostgreSQL, broker + database is the CPU an enrollment costs.\n\n",
+         the broker columns. For PostgreSQL, broker + database is the CPU an enrollment costs.\n",
     );
+    if runs
+        .iter()
+        .any(|(c, _)| r.json(&format!("ha-pg-tls-c{c}.json")).is_some())
+    {
+        s.push_str(
+            "\n² Run right after the rows above on the same server: every replica session (pool and \
+             change listener) is TLS 1.3, the server verified against its CA (`--store-ca-file`, \
+             as libpq's `sslmode=verify-full`). Sessions are pooled, so this is the record \
+             encryption on both ends, not a handshake per enrollment.\n",
+        );
+    }
+    s.push('\n');
 }
 
 /// One row of the targets table.
@@ -1177,6 +1199,12 @@ mod tests {
                    "cpu_cores": {"broker": 0.35, "database": 0.45}}]}"#,
         );
         write(
+            "ha-pg-tls-c64.json",
+            r#"{"scenario": "ha-postgres", "cores": 2, "store_tls": true,
+                "runs": [{"replicas": 3, "rps": 601.4, "errors": {}, "latency_ms": {"p50": 101.5},
+                          "cpu_cores": {"broker": 0.36, "database": 0.47}}]}"#,
+        );
+        write(
             "tok-off-c64.json",
             r#"{"rps": 3500.0, "errors": {}, "latency_ms": {"p99": 8.0}, "cores": 2,
                 "cpu_cores": {"broker": 1.3, "broker_store_writer": 0.5}}"#,
@@ -1195,13 +1223,18 @@ mod tests {
             "{doc}"
         );
         assert!(doc.contains("| PostgreSQL | 3 | 64 | 623 |"), "{doc}");
+        assert!(
+            doc.contains("| PostgreSQL over TLS ² | 3 | 64 | 601 | 101.50 |"),
+            "{doc}"
+        );
+        assert!(doc.contains("² Run right after"), "{doc}");
         assert!(doc.contains("UNAVAILABLE: 2"), "{doc}");
         assert!(
             doc.contains("| embedded SQLite ¹ | 1 | 64 | 3,500 |"),
             "{doc}"
         );
         assert!(doc.contains("0.58 / 0.76 /"), "{doc}");
-        // tok-off, nitro and the two replica runs.
-        assert!(doc.contains("2 failed requests in 4 runs"), "{doc}");
+        // tok-off, nitro, the two replica runs and the one over TLS.
+        assert!(doc.contains("2 failed requests in 5 runs"), "{doc}");
     }
 }
