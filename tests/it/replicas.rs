@@ -292,16 +292,7 @@ async fn killed_replica_and_lost_database_connections_never_double_issue() {
     let pin = ca_pin(&mut admin).await;
     let mut tokens = Vec::new();
     for _ in 0..30 {
-        let t = admin
-            .create_enrollment_token(pb::CreateEnrollmentTokenRequest {
-                spiffe_id: ID.into(),
-                ttl_seconds: 0,
-                max_uses: 1,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        tokens.push(sigil::token::parse_token(&t.token).unwrap());
+        tokens.push(one_use_token(&mut admin).await);
     }
     let connect = |addr: String, pin: String| async move {
         let trust = sigil::cli::Trust::from_pin(&pin).unwrap();
@@ -1105,6 +1096,22 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A new one-use token for [`ID`], created on the admin socket.
+async fn one_use_token(
+    admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+) -> (String, sigil::token::TokenSecret) {
+    let t = admin
+        .create_enrollment_token(pb::CreateEnrollmentTokenRequest {
+            spiffe_id: ID.into(),
+            ttl_seconds: 0,
+            max_uses: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    sigil::token::parse_token(&t.token).unwrap()
+}
+
 /// The CA pin a replica reports on its admin socket.
 async fn ca_pin(admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>) -> String {
     admin
@@ -1142,16 +1149,7 @@ async fn serve_reaches_postgres_only_over_verified_tls() {
             .unwrap(),
     );
     let pin = ca_pin(&mut admin).await;
-    let t = admin
-        .create_enrollment_token(pb::CreateEnrollmentTokenRequest {
-            spiffe_id: ID.into(),
-            ttl_seconds: 0,
-            max_uses: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let token = sigil::token::parse_token(&t.token).unwrap();
+    let token = one_use_token(&mut admin).await;
     let client = pb::identity_client::IdentityClient::new(
         sigil::cli::connect_tls(
             &format!("https://{}", addrs[0]),
