@@ -134,8 +134,8 @@ pub struct LoadArgs {
     #[arg(long, value_name = "PER_SECOND")]
     pub rate: Option<f64>,
     /// Requests (one-use tokens, CSRs, OIDC tokens) to prepare for the timed
-    /// phase [default: warm-up rate × duration × 1.3; × 1.6 on PostgreSQL, × 2
-    /// for the attestation scenarios].
+    /// phase [default: warm-up rate × duration × 1.3; × 1.6 on PostgreSQL or
+    /// with one client, × 2 for the attestation scenarios].
     #[arg(long)]
     pub tokens: Option<usize>,
     /// Trust domain of the SPIFFE IDs the tokens are created for (external broker).

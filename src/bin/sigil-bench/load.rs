@@ -486,7 +486,7 @@ struct Snapshot {
     process_cpu: f64,
     /// The database server's processes (PostgreSQL), when local and known.
     db_cpu: Option<f64>,
-    machine: Option<(f64, f64)>,
+    machine: Option<procstat::MachineCpu>,
 }
 
 fn classify_thread(comm: &str) -> &'static str {
@@ -1145,11 +1145,13 @@ pub async fn drive(
         (None, None) => {
             let rate = a.rate.or(est_rate).unwrap_or(5000.0);
             // Headroom over the warm-up rate; more where the warm-up tends
-            // to undershoot (replicas on PostgreSQL) or the pool is cheap to
-            // prepare (no store writes: the attestation scenarios).
+            // to undershoot (replicas on PostgreSQL; one client, whose 1 s
+            // warm-up ran out at 9.4 s of a 10 s fresh-connection phase) or
+            // the pool is cheap to prepare (no store writes: the
+            // attestation scenarios).
             let headroom = if mode.attest_format().is_some() {
                 2.0
-            } else if !target.sqlite {
+            } else if !target.sqlite || a.concurrency == 1 {
                 1.6
             } else {
                 1.3
@@ -1370,10 +1372,18 @@ impl Report<'_> {
         };
         let db = self.db_cpu().unwrap_or(0.0);
         let others = match (self.before.machine, self.after.machine) {
-            (Some((b, _)), Some((e, _))) => Some(((e - b) / w - ours - db).max(0.0)),
+            (Some(b), Some(e)) => Some(((e.busy - b.busy) / w - ours - db).max(0.0)),
             _ => None,
         };
         (broker, loadgen, rest, others)
+    }
+
+    /// Cores' worth of steal during the run (part of "other processes").
+    fn steal(&self) -> Option<f64> {
+        match (self.before.machine, self.after.machine) {
+            (Some(b), Some(e)) => Some(((e.steal - b.steal) / self.wall()).max(0.0)),
+            _ => None,
+        }
     }
 
     fn floor_for(&self) -> Option<f64> {
@@ -1417,6 +1427,7 @@ impl Report<'_> {
                 "loadgen": round3(loadgen),
                 "rest_of_bench_process": round3(rest),
                 "other_processes": others.map(round3),
+                "steal": self.steal().map(round3),
             },
             "rss_mib": {
                 "broker_before": self.rss_before.map(|r| mib(r.0)),

@@ -137,8 +137,18 @@ pub fn reset_peak_rss(pid: u32) -> bool {
     fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
 }
 
-/// Machine-wide `(busy, total)` CPU seconds summed over all cores, from `/proc/stat`.
-pub fn machine_cpu_secs() -> Option<(f64, f64)> {
+/// Machine-wide CPU seconds summed over all cores, from `/proc/stat`.
+#[derive(Debug, Clone, Copy)]
+pub struct MachineCpu {
+    /// Not idle: every process, the kernel, and steal.
+    pub busy: f64,
+    /// Steal: time the hypervisor ran something else while this VM had
+    /// work (counted in `busy`).
+    pub steal: f64,
+}
+
+/// The machine's [`MachineCpu`] counters now.
+pub fn machine_cpu_secs() -> Option<MachineCpu> {
     let text = fs::read_to_string("/proc/stat").ok()?;
     let line = text.lines().find(|l| l.starts_with("cpu "))?;
     let v: Vec<u64> = line
@@ -150,7 +160,10 @@ pub fn machine_cpu_secs() -> Option<(f64, f64)> {
     let total: u64 = v.iter().take(8).sum();
     let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
     let tck = clk_tck();
-    Some(((total - idle) as f64 / tck, total as f64 / tck))
+    Some(MachineCpu {
+        busy: (total - idle) as f64 / tck,
+        steal: v.get(7).copied().unwrap_or(0) as f64 / tck,
+    })
 }
 
 /// Cores this process may run on.

@@ -147,9 +147,17 @@ fn errors_cell(run: &Value) -> String {
 fn cpu_cell(run: &Value) -> String {
     let b = num(run, &["cpu_cores", "broker"]);
     let l = num(run, &["cpu_cores", "loadgen"]);
-    let o = num(run, &["cpu_cores", "other_processes"]);
     let w = num(run, &["cpu_cores", "broker_store_writer"]);
-    format!("{} ({}) / {} / {}", f2(b), f2(w), f2(l), f2(o))
+    format!("{} ({}) / {} / {}", f2(b), f2(w), f2(l), others_cell(run))
+}
+
+/// "other procs", with the steal inside it when there was any.
+fn others_cell(run: &Value) -> String {
+    let o = f2(num(run, &["cpu_cores", "other_processes"]));
+    match num(run, &["cpu_cores", "steal"]) {
+        Some(s) if s >= 0.005 => format!("{o} (steal {s:.2})"),
+        _ => o,
+    }
 }
 
 /// A short diagnosis of what limited a run, from its CPU split.
@@ -159,6 +167,10 @@ fn bound_of(run: &Value) -> String {
     let l = num(run, &["cpu_cores", "loadgen"]).unwrap_or(0.0)
         + num(run, &["cpu_cores", "rest_of_bench_process"]).unwrap_or(0.0);
     let o = num(run, &["cpu_cores", "other_processes"]).unwrap_or(0.0);
+    let stolen = match num(run, &["cpu_cores", "steal"]) {
+        Some(st) if st >= 0.005 => format!(" (of it steal {st:.2})"),
+        _ => String::new(),
+    };
     let used = b + l + o;
     let per = num(run, &["cpu_us_per_request", "broker"]).map_or(String::new(), |u| {
         format!(
@@ -171,11 +183,11 @@ fn bound_of(run: &Value) -> String {
     });
     if used >= 0.85 * cores {
         format!(
-            "CPU: {used:.2} of {cores:.0} cores busy (broker {b:.2}, load generator {l:.2}, other processes {o:.2}){per}"
+            "CPU: {used:.2} of {cores:.0} cores busy (broker {b:.2}, load generator {l:.2}, other processes {o:.2}{stolen}){per}"
         )
     } else {
         format!(
-            "not CPU-saturated ({used:.2} of {cores:.0} cores busy: broker {b:.2}, load generator {l:.2}, others {o:.2}){per}: the serial store writer (its CPU plus fsync waits, one batch at a time, What bounds us §2–3)"
+            "not CPU-saturated ({used:.2} of {cores:.0} cores busy: broker {b:.2}, load generator {l:.2}, others {o:.2}{stolen}){per}: the serial store writer (its CPU plus fsync waits, one batch at a time, What bounds us §2–3)"
         )
     }
 }
@@ -400,7 +412,7 @@ fn ha_section(s: &mut String, r: &Results) {
             f2(num(v, &["cpu_cores", "database"])
                 .or_else(|| num(v, &["cpu_cores", "broker_store_writer"]))),
             f2(num(v, &["cpu_cores", "loadgen"])),
-            f2(num(v, &["cpu_cores", "other_processes"])),
+            others_cell(v),
             f0(num(v, &["cpu_us_per_request", "broker"])),
             f0(num(v, &["cpu_us_per_request", "database"])
                 .or_else(|| num(v, &["cpu_us_per_request", "broker_store_writer"]))),
@@ -842,7 +854,9 @@ fn generate(r: &Results, criterion_dir: &Path) -> String {
     s.push_str(
         "### Load scenarios\n\nIn-process broker (its own tokio runtime, 2 worker threads) and load generator \
          (another runtime, 2 worker threads) share the machine's cores; the CPU column splits their use per \
-         thread name, and \"other procs\" is what the rest of the machine used meanwhile (noise). \
+         thread name, and \"other procs\" is what the rest of the machine used meanwhile (noise), \
+         including steal (host CPU given to other virtual machines while this one had work; shown in \
+         parentheses when there was any). \
          Timed phase 10 s after a 1 s warm-up; every request uses its own one-use token and fresh P-256 key.\n\n",
     );
     s.push_str("#### enroll-token, no JWT (one reused HTTP/2 connection per client)\n\n");
@@ -1202,7 +1216,8 @@ mod tests {
             "ha-pg-tls-c64.json",
             r#"{"scenario": "ha-postgres", "cores": 2, "store_tls": true,
                 "runs": [{"replicas": 3, "rps": 601.4, "errors": {}, "latency_ms": {"p50": 101.5},
-                          "cpu_cores": {"broker": 0.36, "database": 0.47}}]}"#,
+                          "cpu_cores": {"broker": 0.36, "database": 0.47, "loadgen": 0.05,
+                                        "other_processes": 0.56, "steal": 0.5}}]}"#,
         );
         write(
             "tok-off-c64.json",
@@ -1228,6 +1243,10 @@ mod tests {
             "{doc}"
         );
         assert!(doc.contains("² Run right after"), "{doc}");
+        assert!(
+            doc.contains("0.36 / 0.47 / 0.05 / 0.56 (steal 0.50) |"),
+            "{doc}"
+        );
         assert!(doc.contains("UNAVAILABLE: 2"), "{doc}");
         assert!(
             doc.contains("| embedded SQLite ¹ | 1 | 64 | 3,500 |"),
