@@ -47,6 +47,8 @@ fn kubernetes_example_names_three_replicas_and_the_secrets() {
         "replicas: 3",
         "SIGIL_KEK",
         "SIGIL_STORE",
+        "SIGIL_STORE_CA_FILE",
+        "sslmode=verify-full",
         "SIGIL_BOOTSTRAP_SECRET",
         "readinessProbe",
         "kind: Service",
