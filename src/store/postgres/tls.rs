@@ -66,32 +66,7 @@ impl PgTls {
 /// `Unavailable` for an unparsable URL; the message does not repeat it (it
 /// may hold a password).
 pub(super) fn parse_url(url: &str) -> Result<(Config, bool), StoreError> {
-    let mut asked_verify = false;
-    let mut rewritten = String::with_capacity(url.len());
-    let mut rest = url;
-    // `sslmode=` at the start of a key-value string, after whitespace, or
-    // as a URL query parameter.
-    while let Some(at) = rest.find("sslmode=verify-") {
-        let before = &rest[..at];
-        let starts_param = before.is_empty()
-            || before.ends_with(['?', '&'])
-            || before.ends_with(char::is_whitespace);
-        let value_end = at + "sslmode=".len();
-        let tail = &rest[value_end..];
-        let word_len = tail
-            .find(|c: char| c == '&' || c.is_whitespace())
-            .unwrap_or(tail.len());
-        let word = &tail[..word_len];
-        rewritten.push_str(&rest[..value_end]);
-        if starts_param && (word == "verify-full" || word == "verify-ca") {
-            asked_verify = true;
-            rewritten.push_str("require");
-        } else {
-            rewritten.push_str(word);
-        }
-        rest = &tail[word_len..];
-    }
-    rewritten.push_str(rest);
+    let (rewritten, asked_verify) = verify_modes_as_require(url);
     let config: Config = rewritten.parse().map_err(|_| {
         StoreError::Unavailable(
             "invalid PostgreSQL connection string (not shown: it may hold a password)".into(),
@@ -99,6 +74,66 @@ pub(super) fn parse_url(url: &str) -> Result<(Config, bool), StoreError> {
     })?;
     let asked = asked_verify || config.get_ssl_mode() == SslMode::Require;
     Ok((config, asked))
+}
+
+/// `url` with an `sslmode=verify-full` or `sslmode=verify-ca` parameter
+/// replaced by `sslmode=require`, and whether there was one. Only a real
+/// parameter counts: in a URL, one of the query (after `?`); in a
+/// key-value string, a keyword outside quoted values. Anything else (a
+/// password that happens to contain the text) is left as it is.
+fn verify_modes_as_require(url: &str) -> (String, bool) {
+    const MODES: [&str; 2] = ["sslmode=verify-full", "sslmode=verify-ca"];
+    let mut asked = false;
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let Some((base, query)) = url.split_once('?') else {
+            return (url.to_owned(), false);
+        };
+        let query: Vec<&str> = query
+            .split('&')
+            .map(|p| {
+                if MODES.contains(&p) {
+                    asked = true;
+                    "sslmode=require"
+                } else {
+                    p
+                }
+            })
+            .collect();
+        return (format!("{base}?{}", query.join("&")), asked);
+    }
+    let mut out = String::with_capacity(url.len());
+    let (mut quoted, mut escaped, mut at_word) = (false, false, true);
+    let mut i = 0;
+    while i < url.len() {
+        if at_word && !quoted {
+            let rest = &url[i..];
+            let found = MODES.iter().find(|m| {
+                rest.strip_prefix(**m)
+                    .is_some_and(|after| after.is_empty() || after.starts_with(char::is_whitespace))
+            });
+            if let Some(m) = found {
+                asked = true;
+                out.push_str("sslmode=require");
+                i += m.len();
+                at_word = false;
+                continue;
+            }
+        }
+        let Some(c) = url[i..].chars().next() else {
+            break;
+        };
+        out.push(c);
+        i += c.len_utf8();
+        if escaped {
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if c == '\'' {
+            quoted = !quoted;
+        }
+        at_word = !quoted && c.is_whitespace();
+    }
+    (out, asked)
 }
 
 /// Decides how `config` connects: with `ca_file`, TLS is required and
@@ -361,10 +396,20 @@ mod tests {
         ] {
             assert!(!parsed(url).1, "{url}");
         }
-        // Only a parameter is rewritten, not text that merely contains it.
+        // Only a parameter is rewritten, not text that merely contains it:
+        // in a value, a quoted value, or a URL's user info.
         let (config, asked) = parsed("host=db.example password=xsslmode=verify-full");
         assert!(!asked);
         assert_eq!(config.get_password(), Some(&b"xsslmode=verify-full"[..]));
+        let (config, asked) = parsed("host=db.example password='a sslmode=verify-ca' user=u");
+        assert!(!asked);
+        assert_eq!(config.get_password(), Some(&b"a sslmode=verify-ca"[..]));
+        let (config, asked) = parsed(r"host=db.example password='it\'s sslmode=verify-ca'");
+        assert!(!asked);
+        assert_eq!(config.get_password(), Some(&b"it's sslmode=verify-ca"[..]));
+        let (config, asked) = parsed("postgres://u:p&sslmode=verify-full@db.example/s");
+        assert!(!asked);
+        assert_eq!(config.get_password(), Some(&b"p&sslmode=verify-full"[..]));
         // A mode libpq does not have either is still refused, unquoted.
         let err = parse_url("postgres://u:pw@db/s?sslmode=verify-everything").unwrap_err();
         assert!(!err.to_string().contains("pw@"), "{err}");
