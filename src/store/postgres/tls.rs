@@ -173,8 +173,8 @@ pub(super) fn resolve(
     let roots = load_roots(ca_file)?;
     // aws-lc's algorithms with the post-quantum hybrid key exchange first,
     // as on the broker's own port (`crate::tls`, not imported: the store
-    // depends on leaves only). A server without it picks X25519 from the
-    // second key share rustls sends.
+    // depends on leaves only). A server without it settles on X25519
+    // (tested against PostgreSQL 15 on OpenSSL 3.0, which has no ML-KEM).
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider
         .kx_groups
