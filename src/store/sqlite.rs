@@ -2076,8 +2076,8 @@ mod tests {
         SqliteStore::open(&dir.path().join("sigil.db"), o).expect("open")
     }
 
-    /// Creates `t` and redeems it with `r`, which must issue.
-    async fn create_and_redeem(store: &SqliteStore, t: &TokenRecord, r: &Redemption) {
+    /// Creates `t`.
+    async fn create(store: &SqliteStore, t: &TokenRecord) {
         store
             .create_token(
                 t.clone(),
@@ -2085,6 +2085,11 @@ mod tests {
             )
             .await
             .unwrap();
+    }
+
+    /// Creates `t` and redeems it with `r`, which must issue.
+    async fn create_and_redeem(store: &SqliteStore, t: &TokenRecord, r: &Redemption) {
+        create(store, t).await;
         assert_eq!(
             store.redeem_token(r.clone()).await.unwrap(),
             RedeemOutcome::Issued
@@ -2379,13 +2384,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(open_in(&dir, SqliteOptions::default()));
         let t = token("tasks", 1, conformance::NOW);
-        store
-            .create_token(
-                t.clone(),
-                AuditRecord::new(NOW, AuditKind::TokenCreated, "ok"),
-            )
-            .await
-            .unwrap();
+        create(&store, &t).await;
         let tasks: Vec<_> = (0..64)
             .map(|i| {
                 let s = Arc::clone(&store);
